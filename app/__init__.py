@@ -1,0 +1,1 @@
+"""MNIST digit classifier service: a FastAPI app run by gunicorn with uvicorn workers."""

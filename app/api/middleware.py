@@ -1,0 +1,118 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware: it costs a task and a copy per request)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class ServedByMiddleware:
+    """Adds `X-Served-By: <hostname>/<pid>` to every response, so that load balancing across
+    replicas and workers can be seen from the client side."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._header: tuple[bytes, bytes] | None = None
+
+    def _value(self) -> tuple[bytes, bytes]:
+        # Computed on first use, in the worker: the pid must be the worker's, not the master's.
+        if self._header is None:
+            self._header = (b"x-served-by", f"{socket.gethostname()}/{os.getpid()}".encode())
+        return self._header
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = self._value()
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodySizeLimitMiddleware:
+    """Answers 413, in JSON, to a request body larger than `max_bytes`: at once when
+    Content-Length says so, otherwise as soon as a streamed (chunked) body passes the limit.
+
+    (FastAPI's own `max_body_size` answers the Content-Length case in plain text.) nginx
+    enforces the same limit at the edge; this protects a replica that is reached directly.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        body = json.dumps(
+            {"detail": f"request body too large: the limit is {max_bytes:,} bytes"}
+        ).encode()
+        self._response: tuple[Message, Message] = (
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            },
+            {"type": "http.response.body", "body": body},
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if value.isdigit() and int(value) > self.max_bytes:
+                    for message in self._response:
+                        await send(dict(message))
+                    return
+                break
+
+        received = 0
+        too_large = False
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    too_large = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if too_large:
+                # The app may have caught the error and answered (FastAPI turns any failure
+                # while parsing a form into a 400): answer 413 instead.
+                if message["type"] == "http.response.start" and not started:
+                    started = True
+                    await send(dict(self._response[0]))
+                    await send(dict(self._response[1]))
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyTooLarge:
+            if started:
+                raise
+            started = True
+            for message in self._response:
+                await send(dict(message))

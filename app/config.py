@@ -1,0 +1,76 @@
+"""Every setting of the service, read once from the environment.
+
+One typed class; defaults are safe for production. Values are validated at start-up, so a
+misconfigured replica refuses to start with a message instead of failing on the first request.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    # --- model ---------------------------------------------------------------------------
+    model_path: Path = Field(
+        default=REPO_ROOT / "model" / "mnist_model.h5",
+        description="The trained model. A .h5/.keras file is served through the LiteRT export "
+        "next to it (same stem, .tflite) when that export matches it, else with TensorFlow.",
+    )
+    model_runtime: Literal["auto", "litert", "tensorflow"] = Field(
+        default="auto",
+        description="auto: LiteRT when a matching .tflite exists, else TensorFlow.",
+    )
+    low_confidence_threshold: float = Field(default=0.7, gt=0.0, lt=1.0)
+
+    # --- upload limits -------------------------------------------------------------------
+    max_upload_bytes: int = Field(
+        default=4 * MiB, gt=0, description="Largest request body accepted (bytes)."
+    )
+    max_image_pixels: int = Field(
+        default=16_000_000, gt=0, description="Largest image accepted (width x height)."
+    )
+    max_batch_files: int = Field(default=64, gt=0, description="Files per /predict/batch call.")
+
+    # --- batching ------------------------------------------------------------------------
+    batch_max_size: int = Field(default=32, ge=1, le=256)
+    batch_max_wait_ms: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=100.0,
+        description="How long a partly filled batch may wait for more requests. Applies only "
+        "when other requests are already queued; a lone request never waits.",
+    )
+    queue_max_size: int = Field(
+        default=256, ge=1, description="Images waiting for inference per worker; beyond, 503."
+    )
+    preprocess_threads: int = Field(default=2, ge=1, le=64)
+    inline_preprocess_max_pixels: int = Field(
+        default=128 * 128,
+        ge=0,
+        description="Images up to this size are preprocessed on the event loop, where a "
+        "thread hand-off would cost more than the work; larger ones go to a thread pool.",
+    )
+
+    @model_validator(mode="after")
+    def _check_model(self) -> Settings:
+        if self.model_path.suffix.lower() not in {".h5", ".keras", ".tflite"}:
+            raise ValueError(
+                f"MODEL_PATH={self.model_path}: expected a .h5, .keras or .tflite file"
+            )
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

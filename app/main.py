@@ -1,0 +1,71 @@
+"""The ASGI application: `app.main:app`, run by gunicorn (see app/gunicorn.conf.py).
+
+The model is loaded in the lifespan, in each worker after gunicorn forks it: never at import
+time, where it would be loaded in the master and shared, with its threads, by forked workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api import errors
+from app.api.middleware import BodySizeLimitMiddleware, ServedByMiddleware
+from app.api.routes import health, predict
+from app.classifier import Classifier
+from app.config import Settings, get_settings
+from app.inference.runtime import Model, load_model
+
+log = logging.getLogger(__name__)
+
+ModelLoader = Callable[[Settings], Model]
+
+
+def create_app(settings: Settings | None = None, model_loader: ModelLoader = load_model) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # A model that cannot be loaded or warmed up fails the worker's start-up: gunicorn
+        # then exits with the reason in its log instead of serving errors.
+        model = await asyncio.to_thread(model_loader, settings)
+        classifier = Classifier(settings, model)
+        await classifier.start()
+        app.state.classifier = classifier
+        log.info("ready: model %s on %s", model.info.version, model.info.runtime)
+        try:
+            yield
+        finally:
+            await classifier.stop()
+
+    app = FastAPI(
+        title="MNIST digit classifier",
+        version="1.0.0",
+        description="Classifies an image of one handwritten digit. Upload it as multipart "
+        "field `file` to `POST /predict`.",
+        lifespan=lifespan,
+        form_limits={"max_files": settings.max_batch_files, "max_fields": 16},
+    )
+    app.state.settings = settings
+    app.state.classifier = None
+    app.include_router(predict.router)
+    app.include_router(health.router)
+    errors.install(app)
+    # Added last, so outermost: an oversized body is refused before anything reads it.
+    app.add_middleware(ServedByMiddleware)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `app.main:app` is created on first access, in the process that serves it: importing this
+    # module (tests, tools) reads no settings and loads nothing.
+    if name == "app":
+        application = create_app()
+        globals()["app"] = application
+        return application
+    raise AttributeError(name)
