@@ -146,9 +146,11 @@ def to_grayscale(image: Image.Image) -> FloatImage:
         if image.format == "JPEG":
             # Let libjpeg decode at a reduced scale (1/2 .. 1/8): a 12 MP photo costs ~1/16.
             image.draft(image.mode if image.mode in ("L", "RGB") else None, (WORK_SIDE, WORK_SIDE))
-        image.seek(0)  # animated GIF/PNG/WebP, multi-page TIFF: the first frame
+        # Animated GIF/PNG/WebP and multi-page TIFF open on their first frame: that is the one
+        # decoded here.
         image.load()
-        image = ImageOps.exif_transpose(image) or image
+        if "exif" in image.info or image.format == "TIFF":
+            image = ImageOps.exif_transpose(image) or image  # phones store photos sideways
         if max(image.size) > WORK_SIDE:
             image = image.copy()
             image.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.BOX)

@@ -56,8 +56,7 @@ def test_accuracy_on_realistic_uploads(
     for k, kind in enumerate(sorted(KINDS)):
         chosen = range(k * PER_KIND, (k + 1) * PER_KIND)
         digits = [
-            preprocess(make(kind, images[i], seed=i), max_pixels=16_000_000).pixels
-            for i in chosen
+            preprocess(make(kind, images[i], seed=i), max_pixels=16_000_000).pixels for i in chosen
         ]
         predicted = classify(model, digits).argmax(axis=1)
         hits = int((predicted == labels[list(chosen)]).sum())
@@ -94,7 +93,8 @@ def test_model_path_to_the_keras_file_serves_its_litert_export(model: LiteRTMode
 def test_a_stale_export_is_not_served(tmp_path: Path) -> None:
     for name in ("mnist_model.h5", "mnist_model.tflite", "metrics.json"):
         shutil.copy(MODEL_DIR / name, tmp_path / name)
-    (tmp_path / "mnist_model.h5").write_bytes(b"retrained" + (MODEL_DIR / "mnist_model.h5").read_bytes())
+    retrained = b"retrained" + (MODEL_DIR / "mnist_model.h5").read_bytes()
+    (tmp_path / "mnist_model.h5").write_bytes(retrained)
     with pytest.raises(ModelLoadError, match="not exported from"):
         load_model(Settings(model_path=tmp_path / "mnist_model.h5", model_runtime="litert"))
 

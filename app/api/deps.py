@@ -10,14 +10,14 @@ from app.classifier import Classifier, NotReady
 from app.config import Settings
 
 
-def get_classifier(request: Request) -> Classifier:
+async def get_classifier(request: Request) -> Classifier:
     classifier: Classifier | None = getattr(request.app.state, "classifier", None)
     if classifier is None:
         raise NotReady("the model is loading")
     return classifier
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
