@@ -4,6 +4,7 @@
 #   make train     retrain and re-export the model (model/), ~15 min on 2 cores
 #   make serve     one replica on http://127.0.0.1:8000 (gunicorn, 2 workers)
 #   make bench-replica  one replica vs its no-model ceiling, with wrk
+#   make up [REPLICAS=3] / make scale REPLICAS=5 / make logs / make down   the compose stack
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -12,7 +13,9 @@ PY := $(VENV)/bin/python
 UV_VERSION := 0.13.8
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock test test-unit lint train serve bench-replica clean
+REPLICAS ?= $(shell sed -n 's/^REPLICAS=//p' .env)
+
+.PHONY: install lock test test-unit lint train serve bench-replica up scale down logs clean
 
 install: $(STAMP)
 
@@ -53,6 +56,18 @@ serve: install
 
 bench-replica: install
 	$(PY) -m benchmarks.replica $(BENCH_ARGS)
+
+up:
+	scripts/cluster.sh up $(REPLICAS)
+
+scale:
+	scripts/cluster.sh scale $(REPLICAS)
+
+down:
+	scripts/cluster.sh down
+
+logs:
+	scripts/cluster.sh logs
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -8,16 +8,18 @@ never stalls the loop. Inference always runs on the batcher's own thread.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from app.config import Settings
-from app.inference.batcher import Batcher, BatchRecord
+from app.inference.batcher import Batcher, BatchRecord, Overloaded
 from app.inference.runtime import Model, warm_up
 from app.preprocessing import Digit, ImageError, normalize_digit, open_image, to_grayscale
 from app.schemas import Prediction
+from app.telemetry import Metrics
 
 BLANK_WARNING = "no ink found: the image is blank or uniform"
 
@@ -27,9 +29,10 @@ class NotReady(Exception):
 
 
 class Classifier:
-    def __init__(self, settings: Settings, model: Model) -> None:
+    def __init__(self, settings: Settings, model: Model, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.model = model
+        self.metrics = metrics
         self.ready = False
         self.batches: list[BatchRecord] | None = None  # set to a list to record (tests)
         self.batcher = Batcher(
@@ -44,6 +47,8 @@ class Classifier:
         )
 
     def _record(self, record: BatchRecord) -> None:
+        if self.metrics is not None:
+            self.metrics.record_batch(record)
         if self.batches is not None:
             self.batches.append(record)
 
@@ -60,12 +65,19 @@ class Classifier:
 
     async def digit(self, data: bytes) -> Digit:
         """Decode and normalise one upload. Raises `ImageError` for bad input."""
+        started = time.perf_counter()
         image = open_image(data, max_pixels=self.settings.max_image_pixels)
         width, height = image.size
         if width * height <= self.settings.inline_preprocess_max_pixels:
-            return normalize_digit(to_grayscale(image))
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: normalize_digit(to_grayscale(image)))
+            digit = normalize_digit(to_grayscale(image))
+        else:
+            loop = asyncio.get_running_loop()
+            digit = await loop.run_in_executor(
+                self._pool, lambda: normalize_digit(to_grayscale(image))
+            )
+        if self.metrics is not None:
+            self.metrics.preprocess.record(time.perf_counter() - started)
+        return digit
 
     async def classify(self, data: bytes) -> Prediction:
         (prediction,) = await self.classify_many([data])
@@ -75,6 +87,11 @@ class Classifier:
         """Predictions for each upload, in order. Raises for the first bad upload."""
         if not self.ready:
             raise NotReady("the model is loading")
+        if self.batcher.depth + len(uploads) > self.batcher.max_queue:
+            # Shed before preprocessing: under overload a rejection must stay cheap.
+            raise Overloaded(
+                f"the inference queue is full ({self.batcher.depth}/{self.batcher.max_queue})"
+            )
         digits = []
         for index, data in enumerate(uploads):
             try:
@@ -99,6 +116,8 @@ class Classifier:
             warning = (
                 f"confidence {confidence:.2f} is below {self.settings.low_confidence_threshold:.2f}"
             )
+        if self.metrics is not None:
+            self.metrics.record_prediction(best, confidence, low)
         return Prediction(
             digit=best,
             confidence=confidence,

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from opentelemetry.metrics import MeterProvider
 
 from app.api import errors
 from app.api.middleware import BodySizeLimitMiddleware, ServedByMiddleware
@@ -19,21 +20,33 @@ from app.api.routes import health, predict
 from app.classifier import Classifier
 from app.config import Settings, get_settings
 from app.inference.runtime import Model, load_model
+from app.telemetry import Metrics, instrument_http, sdk_disabled, start_provider
 
 log = logging.getLogger(__name__)
 
 ModelLoader = Callable[[Settings], Model]
 
 
-def create_app(settings: Settings | None = None, model_loader: ModelLoader = load_model) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    model_loader: ModelLoader = load_model,
+    meter_provider: MeterProvider | None = None,
+) -> FastAPI:
+    """The application. `meter_provider` replaces the OTLP-exporting one (tests)."""
     settings = settings or get_settings()
+    telemetry_off = sdk_disabled() and meter_provider is None
+    start_global_provider = not telemetry_off and meter_provider is None
+    metrics = Metrics(meter_provider)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # A model that cannot be loaded or warmed up fails the worker's start-up: gunicorn
         # then exits with the reason in its log instead of serving errors.
         model = await asyncio.to_thread(model_loader, settings)
-        classifier = Classifier(settings, model)
+        # This worker's own MeterProvider, made here, after gunicorn's fork.
+        stop_metrics = start_provider(model.info.version) if start_global_provider else None
+        classifier = Classifier(settings, model, metrics)
+        metrics.watch_queue(lambda: classifier.batcher.depth)
         await classifier.start()
         app.state.classifier = classifier
         log.info("ready: model %s on %s", model.info.version, model.info.runtime)
@@ -41,6 +54,8 @@ def create_app(settings: Settings | None = None, model_loader: ModelLoader = loa
             yield
         finally:
             await classifier.stop()
+            if stop_metrics is not None:
+                stop_metrics()
 
     app = FastAPI(
         title="MNIST digit classifier",
@@ -52,6 +67,9 @@ def create_app(settings: Settings | None = None, model_loader: ModelLoader = loa
     )
     app.state.settings = settings
     app.state.classifier = None
+    app.state.metrics = metrics
+    if not telemetry_off:
+        instrument_http(app, meter_provider)
     app.include_router(predict.router)
     app.include_router(health.router)
     errors.install(app)

@@ -43,16 +43,30 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--naive", action="store_true", help="also measure the naive server")
+    parser.add_argument(
+        "--telemetry",
+        action="store_true",
+        help="also measure the service with OpenTelemetry on (exporting to OTEL_EXPORTER_OTLP_"
+        "ENDPOINT, default localhost:4318), to price the instrumentation",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
 
     payload = wrk.Payload.multipart(digit_png(), "digit.png")
-    servers = {"service": "app.main:app", "no-model": "benchmarks.baselines.nomodel:app"}
+    off = {"OTEL_SDK_DISABLED": "true"}
+    servers = {
+        "service": ("app.main:app", off),
+        "no-model": ("benchmarks.baselines.nomodel:app", off),
+    }
+    if args.telemetry:
+        servers["service+otel"] = (
+            "app.main:app",
+            {"OTEL_SDK_DISABLED": "false", "OTEL_METRIC_EXPORT_INTERVAL": "5000"},
+        )
     if args.naive:
-        servers["naive"] = "benchmarks.baselines.naive:app"
+        servers["naive"] = ("benchmarks.baselines.naive:app", off)
     out_dir = args.out / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-replica"
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = {"OTEL_SDK_DISABLED": os.environ.get("OTEL_SDK_DISABLED", "true")}
 
     runs: dict[str, list[wrk.Result]] = {name: [] for name in servers}
     single: wrk.Result | None = None
@@ -63,7 +77,7 @@ def main() -> None:
             name: stack.enter_context(
                 gunicorn(app, 18100 + i, workers=args.workers, env=env, log=out_dir / f"{name}.log")
             )
-            for i, (name, app) in enumerate(servers.items())
+            for i, (name, (app, env)) in enumerate(servers.items())
         }
         for url in urls.values():  # warm up every worker
             wrk.run(url + "/predict", payload, connections=8, seconds=2)
@@ -94,19 +108,32 @@ def main() -> None:
             "per_round": [round(r, 3) for r in ratios],
         },
         "errors": {name: sum(r.failed for r in rs) for name, rs in runs.items()},
+        "ratio_telemetry_on_to_off": None,
         "one_connection": single.as_dict() if single else None,
         "runs": {name: [r.as_dict() for r in rs] for name, rs in runs.items()},
     }
+    if "service+otel" in runs:
+        otel = [t.rps / s.rps for t, s in zip(runs["service+otel"], runs["service"], strict=True)]
+        summary["ratio_telemetry_on_to_off"] = {
+            "median": round(statistics.median(otel), 3),
+            "per_round": [round(r, 3) for r in otel],
+        }
     (out_dir / "replica.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     print()
-    print(f"{'server':10s} {'median req/s':>12s} {'errors':>7s}")
+    print(f"{'server':13s} {'median req/s':>12s} {'errors':>7s}")
     for name in servers:
-        print(f"{name:10s} {summary['median_rps'][name]:12.1f} {summary['errors'][name]:7d}")
+        print(f"{name:13s} {summary['median_rps'][name]:12.1f} {summary['errors'][name]:7d}")
     print(
         f"service / no-model: median ratio {summary['ratio_service_to_no_model']['median']:.3f}"
         f" (rounds: {summary['ratio_service_to_no_model']['per_round']})"
     )
+    if summary["ratio_telemetry_on_to_off"]:
+        otel_ratio = summary["ratio_telemetry_on_to_off"]
+        print(
+            f"telemetry on / off: median ratio {otel_ratio['median']:.3f} "
+            f"(rounds: {otel_ratio['per_round']})"
+        )
     if single:
         print(
             f"one connection: p50 {single.latency_ms['p50']:.2f} ms, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from app.config import Settings
 from app.inference.runtime import ModelInfo
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Unit tests run without a collector; the telemetry tests give the app a provider of their own.
+os.environ.setdefault("OTEL_SDK_DISABLED", "true")
 
 
 class FakeModel:

@@ -23,6 +23,12 @@ UPLOAD_HINT = (
 )
 
 
+def _reject(request: Request, reason: str) -> None:
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.record_rejection(reason)
+
+
 def _describe(exc: RequestValidationError) -> str:
     parts = []
     for error in exc.errors():
@@ -37,10 +43,12 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     if request.url.path.startswith("/predict") and not content_type.startswith(
         "multipart/form-data"
     ):
+        _reject(request, "unsupported_content_type")
         return JSONResponse(
             {"detail": f"unsupported content type {content_type or '(none)'!r}: {UPLOAD_HINT}"},
             status_code=415,
         )
+    _reject(request, "malformed_request")
     return JSONResponse(
         {
             "detail": f"{_describe(exc)} ({UPLOAD_HINT})",
@@ -55,11 +63,13 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def image_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ImageError)
+    _reject(request, exc.kind)
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
 
 async def overloaded(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, Overloaded)
+    _reject(request, "overloaded")
     return JSONResponse(
         {"detail": f"overloaded: {exc.detail}; retry shortly"},
         status_code=503,
@@ -68,6 +78,7 @@ async def overloaded(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def not_ready(request: Request, exc: Exception) -> JSONResponse:
+    _reject(request, "not_ready")
     return JSONResponse(
         {"detail": f"not ready: {exc}"}, status_code=503, headers={"Retry-After": "1"}
     )

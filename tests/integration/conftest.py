@@ -1,0 +1,273 @@
+"""The real stack, started once per test session and always torn down.
+
+It runs as its own compose project (`mnist-test`) on its own port, so that a stack a developer
+has up is left alone. Nothing here is mocked: the app's container image, nginx and the engine's
+DNS are the real ones.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import subprocess
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from tests.conftest import digit_image, png_bytes
+
+REPO = Path(__file__).resolve().parents[2]
+PROJECT = "mnist-test"
+PORT = int(os.environ.get("TEST_HTTP_PORT", "18080"))
+PROMETHEUS_PORT = int(os.environ.get("TEST_PROMETHEUS_PORT", "19090"))
+REPLICAS = 3
+T = TypeVar("T")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration/" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+def wait_for(
+    check: Callable[[], T | None], *, timeout: float, interval: float = 0.5, what: str
+) -> T:
+    """Poll `check` until it returns something truthy; fail saying what did not happen."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+        except Exception as exc:  # a poll may fail while things settle
+            last = exc
+        else:
+            if result:
+                return result
+            last = result
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+@dataclass
+class Stack:
+    env: dict[str, str]
+    port: int = PORT
+
+    def compose(self, *args: str, check: bool = True, timeout: float = 600) -> str:
+        completed = subprocess.run(
+            ["docker", "compose", *args],
+            cwd=REPO,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and completed.returncode != 0:
+            raise AssertionError(
+                f"docker compose {' '.join(args)} failed ({completed.returncode}):\n"
+                f"{completed.stdout}\n{completed.stderr}"
+            )
+        return completed.stdout
+
+    def docker(self, *args: str) -> str:
+        return subprocess.run(
+            ["docker", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout
+
+    def prometheus(self, query: str) -> list[dict[str, object]]:
+        """The result vector of an instant PromQL query."""
+        url = f"http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/query?" + urllib.parse.urlencode(
+            {"query": query}
+        )
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = json.load(response)
+        assert body["status"] == "success", body
+        result: list[dict[str, object]] = body["data"]["result"]
+        return result
+
+    def scalar(self, query: str) -> float | None:
+        result = self.prometheus(query)
+        return float(result[0]["value"][1]) if result else None  # type: ignore[index]
+
+    def ensure_replicas(self, count: int) -> None:
+        self.compose("up", "-d", "--no-recreate", "--no-build", "--scale", f"api={count}", "api")
+        wait_for(
+            lambda: self.healthy_replicas() == count and len(self.replicas()) == count,
+            timeout=180,
+            what=f"{count} healthy replicas",
+        )
+
+    def replicas(self) -> list[str]:
+        """IDs of the running API containers."""
+        return self.compose("ps", "-q", "api").split()
+
+    def healthy_replicas(self) -> int:
+        return self.compose("ps", "api", "--format", "{{.Health}}").split().count("healthy")
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return (
+                response.status,
+                {k.lower(): v for k, v in response.getheaders()},
+                response.read(),
+            )
+        finally:
+            connection.close()
+
+
+def multipart(data: bytes, field: str = "file", filename: str = "digit.png") -> tuple[bytes, str]:
+    boundary = "mnistboundary7d1f"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
+            f'filename="{filename}"\r\nContent-Type: image/png\r\n\r\n'
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+DIGIT_BODY, DIGIT_TYPE = multipart(png_bytes(digit_image()))
+
+
+def predict(stack: Stack) -> tuple[int, str]:
+    status, headers, _ = stack.request("POST", "/predict", DIGIT_BODY, {"Content-Type": DIGIT_TYPE})
+    return status, headers.get("x-served-by", "")
+
+
+@dataclass
+class Load:
+    """Clients that POST /predict in a loop over keep-alive connections, recording every
+    outcome, until stopped."""
+
+    stack: Stack
+    clients: int = 4
+    statuses: Counter[int | str] = field(default_factory=Counter)
+    served_by: Counter[str] = field(default_factory=Counter)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _client(self) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", self.stack.port, timeout=30)
+        while not self._stop.is_set():
+            try:
+                connection.request(
+                    "POST", "/predict", body=DIGIT_BODY, headers={"Content-Type": DIGIT_TYPE}
+                )
+                response = connection.getresponse()
+                response.read()
+                outcome: int | str = response.status
+                host = (response.getheader("x-served-by") or "").split("/")[0]
+            except (OSError, http.client.HTTPException) as exc:
+                outcome, host = f"{type(exc).__name__}: {exc}", ""
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", self.stack.port, timeout=30)
+            with self._lock:
+                self.statuses[outcome] += 1
+                if host:
+                    self.served_by[host] += 1
+            time.sleep(0.005)
+        connection.close()
+
+    def __enter__(self) -> Load:
+        for _ in range(self.clients):
+            thread = threading.Thread(target=self._client, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+    @property
+    def total(self) -> int:
+        return sum(self.statuses.values())
+
+    @property
+    def failures(self) -> dict[int | str, int]:
+        return {k: v for k, v in self.statuses.items() if k != 200}
+
+
+def engine_env() -> dict[str, str]:
+    """The environment scripts/cluster.sh sets up (engine, stand-ins), for this project."""
+    env = {
+        **os.environ,
+        "COMPOSE_PROJECT_NAME": PROJECT,
+        "HTTP_PORT": str(PORT),
+        "PROMETHEUS_PORT": str(PROMETHEUS_PORT),
+        "GRAFANA_PORT": "13000",
+    }
+    # The unit tests turn the SDK off in this process; the stack's workers must keep it on.
+    env.pop("OTEL_SDK_DISABLED", None)
+    exports = subprocess.run(
+        ["scripts/cluster.sh", "env"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=3600,
+    ).stdout
+    for line in exports.splitlines():
+        if line.startswith("export "):
+            name, _, value = line.removeprefix("export ").partition("=")
+            env[name] = value.strip("'\"")
+    return env
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    env = engine_env()
+    the_stack = Stack(env)
+    the_stack.compose("down", "--remove-orphans", "--volumes", check=False)
+    try:
+        started = time.monotonic()
+        the_stack.compose("build", "api", timeout=3600)
+        the_stack.compose("up", "-d", "--scale", f"api={REPLICAS}", timeout=900)
+        wait_for(
+            lambda: the_stack.healthy_replicas() >= REPLICAS,
+            timeout=300,
+            what=f"{REPLICAS} healthy API replicas",
+        )
+        wait_for(
+            lambda: the_stack.request("GET", "/readyz")[0] == 200,
+            timeout=60,
+            what="nginx to reach a ready replica",
+        )
+        wait_for(lambda: the_stack.prometheus("up"), timeout=120, what="Prometheus to answer")
+        print(f"\nstack up in {time.monotonic() - started:.0f} s")
+        yield the_stack
+    finally:
+        logs = the_stack.compose("logs", "--no-color", "--tail", "200", check=False)
+        (REPO / ".cache").mkdir(exist_ok=True)
+        (REPO / ".cache" / "integration-stack.log").write_text(logs)
+        the_stack.compose("down", "--remove-orphans", "--volumes", "--timeout", "10", check=False)

@@ -1,0 +1,259 @@
+"""Metrics end to end: workers -> OTLP -> collector -> Prometheus, rules, alerts, dashboards.
+
+Runs before test_nginx_cluster.py (file order), on the stack as started: 3 replicas.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import png_bytes
+from tests.integration.conftest import REPLICAS, Stack, multipart, predict, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+DASHBOARDS = sorted((REPO / "grafana" / "dashboards").glob("*.json"))
+
+
+def total_predictions(stack: Stack) -> float:
+    return stack.scalar('sum(mnist_predictions_total{job="mnist-api"})') or 0.0
+
+
+def settled_total(stack: Stack) -> float:
+    """The counter's sum once it stops moving (every worker's last export has landed)."""
+    previous: list[float] = []
+
+    def stable() -> float | None:
+        previous.append(total_predictions(stack))
+        if len(previous) >= 3 and previous[-1] == previous[-2] == previous[-3]:
+            return previous[-1] + 1e-9  # truthy even when 0
+        return None
+
+    return wait_for(stable, timeout=90, interval=3, what="the predictions counter to settle")
+
+
+def test_every_worker_of_every_replica_reports(stack: Stack) -> None:
+    for _ in range(60):  # touch every worker
+        predict(stack)
+    hosts = wait_for(
+        lambda: (
+            found
+            if len(
+                found := {
+                    r["metric"]["host_name"]
+                    for r in stack.prometheus('mnist_queue_depth{job="mnist-api"}')
+                }
+            )
+            == REPLICAS
+            else None
+        ),
+        timeout=60,
+        what=f"series from {REPLICAS} replicas",
+    )
+    workers = {
+        r["metric"]["instance"] for r in stack.prometheus('mnist_queue_depth{job="mnist-api"}')
+    }
+    assert len(hosts) == REPLICAS
+    assert len(workers) == 2 * REPLICAS  # WEB_CONCURRENCY=2: one series per worker
+    assert all(re.fullmatch(r".+-\d+", w) for w in workers)  # <hostname>-<pid>
+
+
+def test_predictions_counter_rises_by_exactly_n(stack: Stack) -> None:
+    before = settled_total(stack)
+    n = 250
+    for _ in range(n):
+        assert predict(stack)[0] == 200
+    wait_for(
+        lambda: total_predictions(stack) >= before + n,
+        timeout=60,
+        what=f"the counter to rise by {n}",
+    )
+    after = settled_total(stack)
+    assert round(after - before) == n  # nothing lost, nothing double-counted
+
+
+def test_http_duration_buckets_suit_a_millisecond_service(stack: Stack) -> None:
+    result = stack.prometheus(
+        'count by (le) (http_server_request_duration_seconds_bucket{job="mnist-api"})'
+    )
+    bounds = sorted(float(r["metric"]["le"]) for r in result)
+    assert bounds[0] <= 0.001
+    assert 0.002 in bounds
+    assert 0.005 in bounds
+
+
+def test_every_rule_is_valid_and_loaded(stack: Stack) -> None:
+    checked = stack.compose(
+        "exec",
+        "-T",
+        "prometheus",
+        "promtool",
+        "check",
+        "rules",
+        "/etc/prometheus/rules/recording.yml",
+        "/etc/prometheus/rules/alerts.yml",
+    )
+    assert "SUCCESS" in checked
+    config = stack.compose(
+        "exec", "-T", "prometheus", "promtool", "check", "config", "/etc/prometheus/prometheus.yml"
+    )
+    assert "SUCCESS" in config
+    with stack_rules(stack) as groups:
+        rules = [rule for group in groups for rule in group["rules"]]
+    assert {r["name"] for r in rules if r["type"] == "alerting"} == {
+        "MnistHighErrorRatio",
+        "MnistHighLatencyP99",
+        "MnistReplicaMissing",
+        "MnistOverloadRejections",
+        "CollectorDown",
+    }
+    assert all(r["health"] == "ok" for r in rules), [r for r in rules if r["health"] != "ok"]
+
+
+class stack_rules:  # noqa: N801 - a tiny context manager for Prometheus' rule API
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+
+    def __enter__(self) -> list[dict[str, object]]:
+        import urllib.request
+
+        from tests.integration.conftest import PROMETHEUS_PORT
+
+        url = f"http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/rules"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            groups: list[dict[str, object]] = json.load(response)["data"]["groups"]
+        return groups
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def substitute(expr: str) -> str:
+    return expr.replace("$replica", ".*").replace("$worker", ".*").replace("$__rate_interval", "1m")
+
+
+def panel_queries() -> list[tuple[str, str, str]]:
+    found = []
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                found.append((path.stem, panel["title"], target["expr"]))
+        for variable in dashboard["templating"]["list"]:
+            found.append((path.stem, f"variable {variable['name']}", variable["definition"]))
+    return found
+
+
+def test_dashboards_are_generated_from_their_source() -> None:
+    from grafana.build_dashboards import render
+
+    assert {p.name: p.read_text() for p in DASHBOARDS} == render()
+    for path in DASHBOARDS:
+        text = path.read_text()
+        assert "${DS_" not in text  # no unfilled import inputs
+        dashboard = json.loads(text)
+        for panel in dashboard["panels"]:
+            assert panel["datasource"] == {"type": "prometheus", "uid": "prometheus"}
+
+
+def test_every_dashboard_panel_returns_data(stack: Stack) -> None:
+    # Traffic of every kind the dashboards show: good uploads, a blank one (low confidence),
+    # bad ones (rejections).
+    blank_body, blank_type = multipart(png_bytes(__import__("numpy").zeros((28, 28))))
+    bad_body, bad_type = multipart(b"not an image")
+    for _ in range(20):
+        predict(stack)
+        stack.request("POST", "/predict", blank_body, {"Content-Type": blank_type})
+        stack.request("POST", "/predict", bad_body, {"Content-Type": bad_type})
+    time.sleep(12)  # an export (5 s), a scrape (5 s), a rule evaluation
+
+    def missing() -> list[str] | None:
+        empty = []
+        for dashboard, title, expr in panel_queries():
+            query = substitute(expr)
+            if query.startswith("label_values("):
+                metric, _, label = query.removeprefix("label_values(").rstrip(")").rpartition(", ")
+                ok = any(label in r["metric"] for r in stack.prometheus(metric))
+            else:
+                ok = bool(stack.prometheus(query))
+            if not ok:
+                empty.append(f"{dashboard} / {title}: {expr}")
+        return empty or None
+
+    deadline = time.monotonic() + 60
+    while (empty := missing()) and time.monotonic() < deadline:
+        predict(stack)
+        time.sleep(3)
+    assert not empty, "panels without data:\n" + "\n".join(empty)
+
+
+def test_requests_do_not_notice_a_stopped_collector(stack: Stack) -> None:
+    def latencies() -> list[float]:
+        samples = []
+        for _ in range(150):
+            started = time.perf_counter()
+            status, _ = predict(stack)
+            samples.append(time.perf_counter() - started)
+            assert status == 200
+        return samples
+
+    with_collector = statistics.median(latencies())
+    stack.compose("stop", "otel-collector")
+    try:
+        time.sleep(6)  # at least one failed export per worker
+        without = latencies()
+    finally:
+        stack.compose("start", "otel-collector")
+    assert statistics.median(without) < with_collector * 2 + 0.005, (with_collector, without)
+    wait_for(
+        lambda: stack.scalar('up{job="otel-collector"}') == 1,
+        timeout=60,
+        what="the collector to be scraped again",
+    )
+
+
+@pytest.mark.parametrize("replicas", [5])
+def test_series_follow_a_scale_up(stack: Stack, replicas: int) -> None:
+    stack.ensure_replicas(replicas)
+    for _ in range(80):
+        predict(stack)
+    wait_for(
+        lambda: stack.scalar("mnist:replicas:count") == replicas,
+        timeout=90,
+        what=f"series from {replicas} replicas",
+    )
+
+
+def test_replica_missing_alert_fires(stack: Stack) -> None:
+    victim = stack.replicas()[0]
+    stack.docker("stop", "-t", "5", victim)  # a stopped replica is not restarted
+    try:
+        wait_for(
+            lambda: any(
+                a["labels"]["alertname"] == "MnistReplicaMissing" and a["state"] == "firing"
+                for a in alerts(stack)
+            ),
+            timeout=150,
+            interval=3,
+            what="MnistReplicaMissing to fire",
+        )
+    finally:
+        stack.docker("start", victim)
+    stack.ensure_replicas(REPLICAS)
+
+
+def alerts(stack: Stack) -> list[dict[str, dict[str, str]]]:
+    import urllib.request
+
+    from tests.integration.conftest import PROMETHEUS_PORT
+
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/alerts", timeout=10
+    ) as response:
+        found: list[dict[str, dict[str, str]]] = json.load(response)["data"]["alerts"]
+    return found

@@ -1,0 +1,119 @@
+"""Metrics: the instruments, their units and bucket boundaries, recorded through the real app."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from app.config import Settings
+from app.main import create_app
+from app.telemetry import LATENCY_BUCKETS, build_provider, instance_id
+from tests.conftest import FakeModel, digit_image, png_bytes
+
+
+def collect(reader: InMemoryMetricReader) -> dict[str, Any]:
+    data = reader.get_metrics_data()
+    assert data is not None
+    found: dict[str, Any] = {}
+    for resource_metrics in data.resource_metrics:
+        for scope in resource_metrics.scope_metrics:
+            for metric in scope.metrics:
+                found[metric.name] = (metric, resource_metrics.resource)
+    return found
+
+
+@pytest.fixture
+def observed(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> tuple[TestClient, InMemoryMetricReader]:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "false")  # the SDK honours it too
+    reader = InMemoryMetricReader()
+    provider = build_provider("test-1", [reader])
+    app = create_app(settings, model_loader=lambda _s: FakeModel(), meter_provider=provider)
+    assert app._is_instrumented_by_opentelemetry  # type: ignore[attr-defined]
+    with TestClient(app) as client:
+        yield client, reader  # type: ignore[misc]
+
+
+def test_predictions_are_counted_by_digit(
+    observed: tuple[TestClient, InMemoryMetricReader],
+) -> None:
+    client, reader = observed
+    files = {"file": ("d.png", png_bytes(digit_image()), "image/png")}
+    digits = [client.post("/predict", files=files).json()["digit"] for _ in range(7)]
+    batch = [("files", (f"{i}.png", png_bytes(digit_image()), "image/png")) for i in range(3)]
+    assert client.post("/predict/batch", files=batch).status_code == 200
+    metrics = collect(reader)
+    predictions, resource = metrics["mnist.predictions"]
+    points = list(predictions.data.data_points)
+    assert sum(p.value for p in points) == 10
+    assert {p.attributes["mnist.digit"] for p in points} == set(digits)
+    assert resource.attributes["service.name"] == "mnist-api"
+    assert resource.attributes["service.version"] == "test-1"
+    assert resource.attributes["service.instance.id"] == instance_id()
+    confidence = metrics["mnist.prediction.confidence"][0].data.data_points[0]
+    assert confidence.count == 10
+
+
+def test_internals_are_measured_in_seconds(
+    observed: tuple[TestClient, InMemoryMetricReader],
+) -> None:
+    client, reader = observed
+    files = {"file": ("d.png", png_bytes(digit_image()), "image/png")}
+    for _ in range(5):
+        assert client.post("/predict", files=files).status_code == 200
+    metrics = collect(reader)
+    for name in ("mnist.preprocess.duration", "mnist.inference.duration", "mnist.queue.wait"):
+        metric = metrics[name][0]
+        assert metric.unit == "s"
+        point = metric.data.data_points[0]
+        assert point.count == 5
+        assert 0 < point.sum < 5
+    batch_size = metrics["mnist.batch.size"][0].data.data_points[0]
+    assert batch_size.sum == 5
+    depth = metrics["mnist.queue.depth"][0].data.data_points[0]
+    assert depth.value == 0
+
+
+def test_http_duration_uses_stable_conventions_and_millisecond_buckets(
+    observed: tuple[TestClient, InMemoryMetricReader],
+) -> None:
+    client, reader = observed
+    files = {"file": ("d.png", png_bytes(digit_image()), "image/png")}
+    assert client.post("/predict", files=files).status_code == 200
+    client.get("/healthz")  # excluded: health checks would drown the latency figures
+    metric = collect(reader)["http.server.request.duration"][0]
+    assert metric.unit == "s"
+    (point,) = metric.data.data_points
+    assert tuple(point.explicit_bounds) == LATENCY_BUCKETS
+    assert point.explicit_bounds[0] <= 0.001  # a ~1 ms service needs sub-ms resolution
+    assert point.attributes["http.route"] == "/predict"
+    assert point.attributes["http.response.status_code"] == 200
+    assert point.count == 1
+
+
+def test_rejections_are_counted_by_reason(
+    observed: tuple[TestClient, InMemoryMetricReader],
+) -> None:
+    client, reader = observed
+    client.post("/predict", files={"file": ("x.png", b"", "image/png")})
+    client.post("/predict", files={"file": ("x.txt", b"text", "text/plain")})
+    client.post("/predict", files={"file": ("x.txt", b"text", "text/plain")})
+    client.post("/predict", json={"file": "x"})
+    points = collect(reader)["mnist.rejected"][0].data.data_points
+    reasons = {p.attributes["mnist.reason"]: p.value for p in points}
+    assert reasons == {"empty": 1, "unsupported": 2, "unsupported_content_type": 1}
+
+
+def test_disabled_sdk_adds_no_instrumentation(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    app = create_app(settings, model_loader=lambda _s: FakeModel())
+    assert not getattr(app, "_is_instrumented_by_opentelemetry", False)
+    with TestClient(app) as client:
+        files = {"file": ("d.png", png_bytes(digit_image()), "image/png")}
+        assert client.post("/predict", files=files).status_code == 200
