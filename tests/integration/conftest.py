@@ -267,7 +267,7 @@ def stack() -> Iterator[Stack]:
         print(f"\nstack up in {time.monotonic() - started:.0f} s")
         yield the_stack
     finally:
-        logs = the_stack.compose("logs", "--no-color", "--tail", "200", check=False)
+        logs = the_stack.compose("logs", "--no-color", "--tail", "20000", check=False)
         (REPO / ".cache").mkdir(exist_ok=True)
         (REPO / ".cache" / "integration-stack.log").write_text(logs)
         the_stack.compose("down", "--remove-orphans", "--volumes", "--timeout", "10", check=False)

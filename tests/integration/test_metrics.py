@@ -28,13 +28,14 @@ def settled_total(stack: Stack) -> float:
     """The counter's sum once it stops moving (every worker's last export has landed)."""
     previous: list[float] = []
 
-    def stable() -> float | None:
+    def stable() -> tuple[float] | None:
         previous.append(total_predictions(stack))
         if len(previous) >= 3 and previous[-1] == previous[-2] == previous[-3]:
-            return previous[-1] + 1e-9  # truthy even when 0
+            return (previous[-1],)  # a tuple: truthy even when the total is 0
         return None
 
-    return wait_for(stable, timeout=90, interval=3, what="the predictions counter to settle")
+    (total,) = wait_for(stable, timeout=90, interval=3, what="the counter to settle")
+    return total
 
 
 def test_every_worker_of_every_replica_reports(stack: Stack) -> None:
