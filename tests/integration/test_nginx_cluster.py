@@ -125,16 +125,10 @@ def test_a_killed_replica_costs_no_request_and_comes_back(stack: Stack) -> None:
         stack.docker("kill", victim)
         time.sleep(5)
     assert load.total > 100, load.statuses
-    # Every request that reached the killed replica before it answered was retried on another
-    # one. What nginx cannot retry is a response the replica had begun to send: uvicorn writes
-    # the status line and headers, then the body, and nginx passes the headers on at once. A
-    # SIGKILL between those two writes cuts that one response short (IncompleteRead). Such
-    # cuts are counted here and reported; anything else (a 5xx, a refused connection) fails.
-    cut = {k: v for k, v in load.failures.items() if str(k).startswith("IncompleteRead")}
-    other = {k: v for k, v in load.failures.items() if k not in cut}
-    assert other == {}, f"{other} of {load.total} requests failed"
-    assert sum(cut.values()) <= 2, f"{cut} of {load.total} responses cut short"
-    print(f"\nkill under load: {load.total} requests, {sum(cut.values())} cut short, 0 failed")
+    # Requests the killed replica had not answered are retried on another replica; its
+    # responses leave in one write (app/worker.py), so none can be cut short by the kill.
+    assert load.failures == {}, f"{load.failures} of {load.total} requests failed"
+    print(f"\nkill under load: {load.total} requests, none failed")
     wait_for(
         lambda: (
             stack.docker("inspect", "-f", "{{.State.Health.Status}}", victim).strip() == "healthy"

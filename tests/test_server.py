@@ -1,0 +1,43 @@
+"""One replica as deployed: gunicorn, the uvicorn worker class, the real model, over TCP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from benchmarks.servers import gunicorn
+from tests.conftest import digit_image, png_bytes
+from tests.integration.conftest import multipart
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[int]:
+    port = free_port()
+    with gunicorn("app.main:app", port, workers=1, env={"OTEL_SDK_DISABLED": "true"}):
+        yield port
+
+
+def test_keep_alive_and_close_both_deliver_whole_responses(server: int) -> None:
+    body, content_type = multipart(png_bytes(digit_image()))
+    connection = http.client.HTTPConnection("127.0.0.1", server, timeout=10)
+    for _ in range(20):  # one keep-alive connection
+        connection.request("POST", "/predict", body=body, headers={"Content-Type": content_type})
+        response = connection.getresponse()
+        assert response.status == 200
+        assert json.loads(response.read())["model_version"]
+    connection.request("GET", "/healthz", headers={"Connection": "close"})
+    response = connection.getresponse()
+    assert response.status == 200
+    assert json.loads(response.read()) == {"status": "ok"}
+    connection.close()
