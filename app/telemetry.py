@@ -181,7 +181,11 @@ def instrument_http(app: Any, meter_provider: metrics.MeterProvider | None = Non
 def build_provider(service_version: str, readers: list[Any]) -> Any:
     """A MeterProvider with this worker's identity and the service's histogram views."""
     from opentelemetry.sdk.metrics import MeterProvider
-    from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+    from opentelemetry.sdk.metrics.view import (
+        DropAggregation,
+        ExplicitBucketHistogramAggregation,
+        View,
+    )
     from opentelemetry.sdk.resources import Resource
 
     resource = Resource.create(
@@ -196,7 +200,17 @@ def build_provider(service_version: str, readers: list[Any]) -> Any:
         View(
             instrument_name="http.server.request.duration",
             aggregation=ExplicitBucketHistogramAggregation(list(LATENCY_BUCKETS)),
-        )
+        ),
+        # The instrumentation's other HTTP instruments: unused by the dashboards and alerts.
+        # Dropped, so that they make no series (the SDK still receives the measurements).
+        *(
+            View(instrument_name=name, aggregation=DropAggregation())
+            for name in (
+                "http.server.request.body.size",
+                "http.server.response.body.size",
+                "http.server.active_requests",
+            )
+        ),
     ]
     return MeterProvider(resource=resource, metric_readers=readers, views=views)
 
