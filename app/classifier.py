@@ -34,7 +34,6 @@ class Classifier:
         self.model = model
         self.metrics = metrics
         self.ready = False
-        self.batches: list[BatchRecord] | None = None  # set to a list to record (tests)
         self.batcher = Batcher(
             model.predict,
             max_batch_size=settings.batch_max_size,
@@ -49,8 +48,6 @@ class Classifier:
     def _record(self, record: BatchRecord) -> None:
         if self.metrics is not None:
             self.metrics.record_batch(record)
-        if self.batches is not None:
-            self.batches.append(record)
 
     async def start(self) -> None:
         """Start the batcher and warm the model up; `ready` turns true once that is done."""

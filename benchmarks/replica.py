@@ -17,6 +17,7 @@ import io
 import json
 import os
 import statistics
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,6 @@ def main() -> None:
 
     runs: dict[str, list[wrk.Result]] = {name: [] for name in servers}
     single: wrk.Result | None = None
-    from contextlib import ExitStack
-
     with ExitStack() as stack:
         urls = {
             name: stack.enter_context(

@@ -19,10 +19,11 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
+from benchmarks.wrk import Payload
 from tests.conftest import digit_image, png_bytes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,15 +91,19 @@ class Stack:
             timeout=120,
         ).stdout
 
-    def prometheus(self, query: str) -> list[dict[str, object]]:
-        """The result vector of an instant PromQL query."""
-        url = f"http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/query?" + urllib.parse.urlencode(
-            {"query": query}
-        )
+    def prometheus_api(self, path: str, **params: str) -> Any:
+        """The `data` of a Prometheus HTTP API answer (path: "query", "rules", "alerts", ...)."""
+        url = f"http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/{path}"
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
         with urllib.request.urlopen(url, timeout=10) as response:
             body = json.load(response)
         assert body["status"] == "success", body
-        result: list[dict[str, object]] = body["data"]["result"]
+        return body["data"]
+
+    def prometheus(self, query: str) -> list[dict[str, object]]:
+        """The result vector of an instant PromQL query."""
+        result: list[dict[str, object]] = self.prometheus_api("query", query=query)["result"]
         return result
 
     def scalar(self, query: str) -> float | None:
@@ -141,16 +146,8 @@ class Stack:
 
 
 def multipart(data: bytes, field: str = "file", filename: str = "digit.png") -> tuple[bytes, str]:
-    boundary = "mnistboundary7d1f"
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
-            f'filename="{filename}"\r\nContent-Type: image/png\r\n\r\n'
-        ).encode()
-        + data
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    return body, f"multipart/form-data; boundary={boundary}"
+    payload = Payload.multipart(data, filename, field=field)
+    return payload.body, payload.content_type
 
 
 DIGIT_BODY, DIGIT_TYPE = multipart(png_bytes(digit_image()))

@@ -104,8 +104,8 @@ def test_every_rule_is_valid_and_loaded(stack: Stack) -> None:
         "exec", "-T", "prometheus", "promtool", "check", "config", "/etc/prometheus/prometheus.yml"
     )
     assert "SUCCESS" in config
-    with stack_rules(stack) as groups:
-        rules = [rule for group in groups for rule in group["rules"]]
+    groups = stack.prometheus_api("rules")["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
     assert {r["name"] for r in rules if r["type"] == "alerting"} == {
         "MnistHighErrorRatio",
         "MnistHighLatencyP99",
@@ -114,24 +114,6 @@ def test_every_rule_is_valid_and_loaded(stack: Stack) -> None:
         "CollectorDown",
     }
     assert all(r["health"] == "ok" for r in rules), [r for r in rules if r["health"] != "ok"]
-
-
-class stack_rules:  # noqa: N801 - a tiny context manager for Prometheus' rule API
-    def __init__(self, stack: Stack) -> None:
-        self.stack = stack
-
-    def __enter__(self) -> list[dict[str, object]]:
-        import urllib.request
-
-        from tests.integration.conftest import PROMETHEUS_PORT
-
-        url = f"http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/rules"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            groups: list[dict[str, object]] = json.load(response)["data"]["groups"]
-        return groups
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def substitute(expr: str) -> str:
@@ -249,12 +231,5 @@ def test_replica_missing_alert_fires(stack: Stack) -> None:
 
 
 def alerts(stack: Stack) -> list[dict[str, dict[str, str]]]:
-    import urllib.request
-
-    from tests.integration.conftest import PROMETHEUS_PORT
-
-    with urllib.request.urlopen(
-        f"http://127.0.0.1:{PROMETHEUS_PORT}/api/v1/alerts", timeout=10
-    ) as response:
-        found: list[dict[str, dict[str, str]]] = json.load(response)["data"]["alerts"]
+    found: list[dict[str, dict[str, str]]] = stack.prometheus_api("alerts")["alerts"]
     return found
