@@ -393,19 +393,28 @@ EOF
   docker image rm "${STANDIN_REPO}/selftest:python" >/dev/null 2>&1 || true
 }
 
+# --- stand-ins made of one Debian sid package --------------------------------------------------
+
+# build_sid_standin NAME TAG SERIES_ARG SERIES: build scripts/standins/NAME FROM the sid base with
+# the package's version series passed as build argument SERIES_ARG. Sets BUILT (see build_image)
+# and SID_STANDIN_HASH (the image's fingerprint).
+build_sid_standin() {
+  local name="$1" tag="$2" series_arg="$3" series="$4" context
+  ensure_debian_base sid
+  context="${STANDINS_SRC}/${name}"
+  SID_STANDIN_HASH="$(fingerprint "${context}" "=base=$(image_id "${STANDIN_REPO}/debian:sid")" "=series=${series}")"
+  build_image "${name}" "${tag}" "${context}" "${SID_STANDIN_HASH}" \
+    --build-arg "BASE_IMAGE=${STANDIN_REPO}/debian:sid" --build-arg "${series_arg}=${series}"
+}
+
 # --- nginx -------------------------------------------------------------------------------------
 
 standin_nginx() {
-  local official="$1" tag context hash version series
+  local official="$1" tag version
   version="${official##*:}"
   [[ "${version}" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "NGINX_IMAGE must pin a version (x.y.z), not ${official}"
-  series="${version%.*}"
   tag="$(standin_tag "${official}")"
-  ensure_debian_base sid
-  context="${STANDINS_SRC}/nginx"
-  hash="$(fingerprint "${context}" "=base=$(image_id "${STANDIN_REPO}/debian:sid")" "=series=${series}")"
-  build_image nginx "${tag}" "${context}" "${hash}" \
-    --build-arg "BASE_IMAGE=${STANDIN_REPO}/debian:sid" --build-arg "NGINX_SERIES=${series}"
+  build_sid_standin nginx "${tag}" NGINX_SERIES "${version%.*}"
   if [ "${BUILT}" = 1 ]; then
     verify_nginx "${tag}" "${version}" || reject_image "${tag}"
   fi
@@ -456,21 +465,16 @@ EOF
 # --- prom/prometheus ---------------------------------------------------------------------------
 
 standin_prometheus() {
-  local official="$1" tag context hash version series
+  local official="$1" tag version
   version="${official##*:}"
   version="${version#v}"
   [[ "${version}" =~ ^3\.[0-9]+\.[0-9]+$ ]] || die "PROMETHEUS_IMAGE must pin a 3.x version (v3.y.z), not ${official}"
-  series="${version%.*}"
   tag="$(standin_tag "${official}")"
-  ensure_debian_base sid
-  context="${STANDINS_SRC}/prometheus"
-  hash="$(fingerprint "${context}" "=base=$(image_id "${STANDIN_REPO}/debian:sid")" "=series=${series}")"
-  build_image prometheus "${tag}" "${context}" "${hash}" \
-    --build-arg "BASE_IMAGE=${STANDIN_REPO}/debian:sid" --build-arg "PROMETHEUS_SERIES=${series}"
+  build_sid_standin prometheus "${tag}" PROMETHEUS_SERIES "${version%.*}"
   if [ "${BUILT}" = 1 ]; then
     verify_prometheus "${tag}" "${version}" || reject_image "${tag}"
   fi
-  prometheus_otlp_notice "${tag}" "${hash}"
+  prometheus_otlp_notice "${tag}" "${SID_STANDIN_HASH}"
   STANDIN_TAG="${tag}"
 }
 
