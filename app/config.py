@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     queue_max_size: int = Field(
         default=256, ge=1, description="Images waiting for inference per worker; beyond, 503."
     )
+    max_in_flight: int = Field(
+        default=16,
+        ge=1,
+        description="Prediction requests one worker holds at once; beyond, 503 with "
+        "Retry-After before the body is read, so that under overload the wait stays bounded.",
+    )
     preprocess_threads: int = Field(default=2, ge=1, le=64)
     inline_preprocess_max_pixels: int = Field(
         default=128 * 128,

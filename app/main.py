@@ -15,7 +15,11 @@ from fastapi import FastAPI
 from opentelemetry.metrics import MeterProvider
 
 from app.api import errors
-from app.api.middleware import BodySizeLimitMiddleware, ServedByMiddleware
+from app.api.middleware import (
+    BodySizeLimitMiddleware,
+    InFlightLimitMiddleware,
+    ServedByMiddleware,
+)
 from app.api.routes import health, predict
 from app.classifier import Classifier
 from app.config import Settings, get_settings
@@ -76,6 +80,12 @@ def create_app(
     # Added last, so outermost: an oversized body is refused before anything reads it.
     app.add_middleware(ServedByMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    # Outermost: under overload a refusal must cost as little as possible.
+    app.add_middleware(
+        InFlightLimitMiddleware,
+        limit=settings.max_in_flight,
+        on_reject=lambda: metrics.record_rejection("overloaded"),
+    )
     return app
 
 

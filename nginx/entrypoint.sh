@@ -22,6 +22,7 @@ number() {  # number NAME DEFAULT: the variable's value if it is a positive inte
 rate=$(number RATE_LIMIT_RPS 1000)
 burst=$(number RATE_LIMIT_BURST 2000)
 body=$(number MAX_UPLOAD_BYTES 4194304)
+max_conns=$(number API_MAX_CONNS 32)
 upstream=${API_UPSTREAM:-api:8000}
 
 sed -e "s|@RESOLVER@|$resolver|g" \
@@ -29,6 +30,7 @@ sed -e "s|@RESOLVER@|$resolver|g" \
     -e "s|@RATE_LIMIT_BURST@|$burst|g" \
     -e "s|@MAX_UPLOAD_BYTES@|$body|g" \
     -e "s|@API_UPSTREAM@|$upstream|g" \
+    -e "s|@API_MAX_CONNS@|$max_conns|g" \
     /etc/nginx/mnist/nginx.conf.template > /tmp/nginx.conf
 
 mkdir -p /tmp/errors
@@ -36,7 +38,9 @@ printf '{"detail":"request body too large: the limit is %s bytes"}\n' "$body" > 
 printf '{"detail":"rate limit exceeded: %s requests/s per client (burst %s); retry shortly"}\n' \
   "$rate" "$burst" > /tmp/errors/429.json
 printf '{"detail":"no API replica could answer in time; retry shortly"}\n' > /tmp/errors/50x.json
+printf '{"detail":"overloaded: every API replica is serving all it can take; retry shortly"}\n' \
+  > /tmp/errors/busy.json
 
-echo "entrypoint: resolver $resolver, upstream $upstream, rate limit ${rate} r/s (burst $burst)," \
-     "body limit $body bytes" >&2
+echo "entrypoint: resolver $resolver, upstream $upstream (max $max_conns requests per replica)," \
+     "rate limit ${rate} r/s (burst $burst), body limit $body bytes" >&2
 exec nginx -c /tmp/nginx.conf -g 'daemon off;'

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -116,3 +117,58 @@ class BodySizeLimitMiddleware:
             started = True
             for message in self._response:
                 await send(dict(message))
+
+
+class InFlightLimitMiddleware:
+    """Answers 503 with `Retry-After`, at once and without reading the body, to a request for
+    a path under `prefix` when this worker already serves `limit` of them.
+
+    Under overload the CPU, not the inference queue, is the bottleneck: requests would wait,
+    unseen, in sockets and on the event loop while latency grows without bound. Capping the
+    requests a worker holds caps the time one waits, and a refusal costs a fraction of an
+    answer; nginx and clients retry elsewhere or later.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        prefix: str = "/predict",
+        on_reject: Callable[[], None] | None = None,
+    ) -> None:
+        self.app = app
+        self.limit = limit
+        self.prefix = prefix
+        self.on_reject = on_reject
+        self.in_flight = 0
+        body = json.dumps(
+            {"detail": f"overloaded: this worker is serving {limit} requests; retry shortly"}
+        ).encode()
+        self._response: tuple[Message, Message] = (
+            {
+                "type": "http.response.start",
+                "status": 503,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"retry-after", b"1"),
+                ],
+            },
+            {"type": "http.response.body", "body": body},
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            if self.on_reject is not None:
+                self.on_reject()
+            for message in self._response:
+                await send(dict(message))
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
