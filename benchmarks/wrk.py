@@ -1,8 +1,8 @@
 """Closed-loop load with wrk, which costs the server far less CPU than a Python generator.
 
 `run()` POSTs one multipart body over N connections for a duration and returns throughput,
-latency percentiles, errors, and wrk's own CPU time (so that the generator's share of a small
-machine is on record).
+latency percentiles, responses by status, errors, and wrk's own CPU time (so that the
+generator's share of a small machine is on record).
 """
 
 from __future__ import annotations
@@ -49,12 +49,25 @@ class Result:
     requests: int
     rps: float
     errors: dict[str, int]
+    statuses: dict[str, int]
     latency_ms: dict[str, float]
     generator_cpu_seconds: float
 
     @property
     def failed(self) -> int:
-        return sum(self.errors.values())
+        """Requests that did not end in a 2xx: transport errors (wrk counts those that are not
+        non-2xx answers: connect, read, write, timeout) and non-2xx answers."""
+        transport = sum(n for kind, n in self.errors.items() if kind != "status")
+        return transport + self.errors.get("status", 0)
+
+    @property
+    def ok(self) -> int:
+        return sum(n for status, n in self.statuses.items() if status.startswith("2"))
+
+    @property
+    def throughput(self) -> float:
+        """Successful (2xx) responses per second."""
+        return self.ok / self.seconds if self.seconds else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,6 +130,7 @@ def run(
         requests=data["requests"],
         rps=round(data["requests"] / duration, 1),
         errors=data["errors"],
+        statuses=dict(sorted(data["statuses"].items())),
         latency_ms={k: round(v / 1000, 3) for k, v in data["latency_us"].items()},
         generator_cpu_seconds=round(cpu, 2),
     )

@@ -1,18 +1,33 @@
 #!/usr/bin/env bash
-# Command-line tools the benchmarks use, from the system's packages: wrk (closed-loop load).
-# Idempotent and quick when they are already there.
+# Command-line load generators the benchmarks use; idempotent and quick when they are there.
+#   wrk     closed-loop load (system package: apt-get or brew)
+#   vegeta  open-loop, constant-rate load (built with Go from the module proxy into .venv/bin,
+#           pinned; or brew)
 set -euo pipefail
 
-missing=()
-command -v wrk >/dev/null || missing+=(wrk)
-[ ${#missing[@]} -eq 0 ] && exit 0
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VEGETA_MODULE=github.com/tsenart/vegeta/v12
+VEGETA_VERSION=v12.13.0
 
-if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  echo "installing ${missing[*]} with apt-get" >&2
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-elif command -v brew >/dev/null; then
-  brew install "${missing[@]}"
-else
-  echo "warning: ${missing[*]} missing; install it to run the benchmarks" >&2
+if ! command -v wrk >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "installing wrk with apt-get" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+  elif command -v brew >/dev/null; then
+    brew install wrk
+  else
+    echo "warning: wrk missing; install it to run the benchmarks" >&2
+  fi
+fi
+
+if ! command -v vegeta >/dev/null && [ ! -x "$REPO_ROOT/.venv/bin/vegeta" ]; then
+  if command -v go >/dev/null; then
+    echo "building vegeta $VEGETA_VERSION with $(go version | cut -d' ' -f3)" >&2
+    GOBIN="$REPO_ROOT/.venv/bin" GOFLAGS=-buildvcs=false go install "$VEGETA_MODULE@$VEGETA_VERSION"
+  elif command -v brew >/dev/null; then
+    brew install vegeta
+  else
+    echo "warning: vegeta missing (needs Go or brew); the open-loop benchmarks need it" >&2
+  fi
 fi
