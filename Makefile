@@ -3,6 +3,7 @@
 #   make test      lint + every test (installs what it needs first)
 #   make train     retrain and re-export the model (model/), ~15 min on 2 cores
 #   make serve     one replica on http://127.0.0.1:8000 (gunicorn, 2 workers)
+#   make bench     the standard scenarios against the running cluster (BENCH_QUICK=1: ~1.5 min)
 #   make bench-replica  one replica vs its no-model ceiling, with wrk
 #   make up [REPLICAS=3] / make scale REPLICAS=5 / make logs / make down   the compose stack
 
@@ -15,11 +16,11 @@ STAMP := $(VENV)/.installed
 
 REPLICAS ?= $(shell sed -n 's/^REPLICAS=//p' .env)
 
-.PHONY: install lock test test-unit lint train serve bench-replica up scale down logs clean
+.PHONY: install lock test test-unit lint train serve bench bench-replica up scale down logs clean
 
 install: $(STAMP)
 
-$(STAMP): requirements/dev.txt requirements/data.txt
+$(STAMP): requirements/dev.txt requirements/data.txt scripts/install-tools.sh
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Python 3.11 is required: set PYTHON=python3.11")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
@@ -53,6 +54,9 @@ train: install
 
 serve: install
 	$(VENV)/bin/gunicorn -c app/gunicorn.conf.py app.main:app
+
+bench: install
+	$(PY) -m benchmarks.bench $(BENCH_ARGS)
 
 bench-replica: install
 	$(PY) -m benchmarks.replica $(BENCH_ARGS)

@@ -186,8 +186,8 @@ class Bench:
         self.workers = 0  # per replica; read from the running containers
 
     def say(self, message: str) -> None:
-        elapsed = time.monotonic() - self.started
-        print(f"[{elapsed // 60:02.0f}:{elapsed % 60:02.0f}] {message}", flush=True)
+        minutes, seconds = divmod(int(time.monotonic() - self.started), 60)
+        print(f"[{minutes:02d}:{seconds:02d}] {message}", flush=True)
 
     # -- measurement ---------------------------------------------------------------------
 

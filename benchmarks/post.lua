@@ -1,6 +1,11 @@
 -- wrk script: POST the body in $WRK_BODY with content type $WRK_CONTENT_TYPE, count responses
 -- by status, and print the run's figures as one JSON line (marked WRK_JSON) for
 -- benchmarks/wrk.py to parse.
+--
+-- Each connection behaves like a well-behaved client: after a refusal that carries Retry-After
+-- (503 shed, 429 rate limit) it waits that long before its next request. Without this, a
+-- closed-loop generator answered at once with 503 turns into a flood of retries that measures
+-- how fast nginx can refuse, not how the service behaves.
 local f = assert(io.open(os.getenv("WRK_BODY"), "rb"))
 wrk.method = "POST"
 wrk.body = f:read("*a")
@@ -15,10 +20,23 @@ end
 
 function init(args)
   statuses = {}
+  backoff_ms = 0
+end
+
+-- wrk calls delay() before each request of a connection, right after that connection's
+-- response() (one Lua state per thread, so the pending wait is handed over through it).
+function delay()
+  local wait = backoff_ms
+  backoff_ms = 0
+  return wait
 end
 
 function response(status, headers, body)
   statuses[status] = (statuses[status] or 0) + 1
+  local retry_after = tonumber(headers["Retry-After"] or headers["retry-after"] or "")
+  if retry_after and (status == 503 or status == 429) then
+    backoff_ms = retry_after * 1000
+  end
 end
 
 function done(summary, latency, requests)

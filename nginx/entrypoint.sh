@@ -22,7 +22,7 @@ number() {  # number NAME DEFAULT: the variable's value if it is a positive inte
 rate=$(number RATE_LIMIT_RPS 1000)
 burst=$(number RATE_LIMIT_BURST 2000)
 body=$(number MAX_UPLOAD_BYTES 4194304)
-max_conns=$(number API_MAX_CONNS 32)
+max_conns=$(number API_MAX_CONNS 16)
 upstream=${API_UPSTREAM:-api:8000}
 
 sed -e "s|@RESOLVER@|$resolver|g" \

@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from benchmarks.cluster import Cluster, poll
+from benchmarks.cluster import engine_env as cluster_env
 from benchmarks.wrk import Payload
 from tests.conftest import digit_image, png_bytes
 
@@ -38,48 +40,25 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/integration/" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+    # The benchmark smoke test loads the stack hard and scales it: it runs last.
+    items.sort(key=lambda item: Path(str(item.fspath)).name == "test_bench.py")
 
 
 def wait_for(
     check: Callable[[], T | None], *, timeout: float, interval: float = 0.5, what: str
 ) -> T:
     """Poll `check` until it returns something truthy; fail saying what did not happen."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-        except Exception as exc:  # a poll may fail while things settle
-            last = exc
-        else:
-            if result:
-                return result
-            last = result
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+    try:
+        return poll(check, timeout=timeout, interval=interval, what=what)
+    except TimeoutError as exc:
+        pytest.fail(str(exc))
 
 
 @dataclass
-class Stack:
-    env: dict[str, str]
-    port: int = PORT
+class Stack(Cluster):
+    """The test project: `Cluster` (compose, replicas, engine stats) plus what tests ask of it."""
 
-    def compose(self, *args: str, check: bool = True, timeout: float = 600) -> str:
-        completed = subprocess.run(
-            ["docker", "compose", *args],
-            cwd=REPO,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if check and completed.returncode != 0:
-            raise AssertionError(
-                f"docker compose {' '.join(args)} failed ({completed.returncode}):\n"
-                f"{completed.stdout}\n{completed.stderr}"
-            )
-        return completed.stdout
+    port: int = PORT
 
     def docker(self, *args: str) -> str:
         return subprocess.run(
@@ -111,19 +90,10 @@ class Stack:
         return float(result[0]["value"][1]) if result else None  # type: ignore[index]
 
     def ensure_replicas(self, count: int) -> None:
-        self.compose("up", "-d", "--no-recreate", "--no-build", "--scale", f"api={count}", "api")
-        wait_for(
-            lambda: self.healthy_replicas() == count and len(self.replicas()) == count,
-            timeout=180,
-            what=f"{count} healthy replicas",
-        )
-
-    def replicas(self) -> list[str]:
-        """IDs of the running API containers."""
-        return self.compose("ps", "-q", "api").split()
-
-    def healthy_replicas(self) -> int:
-        return self.compose("ps", "api", "--format", "{{.Health}}").split().count("healthy")
+        try:
+            self.scale(count)
+        except TimeoutError as exc:
+            pytest.fail(str(exc))
 
     def request(
         self,
@@ -216,29 +186,15 @@ class Load:
 
 def engine_env() -> dict[str, str]:
     """The environment scripts/cluster.sh sets up (engine, stand-ins), for this project."""
-    env = {
-        **os.environ,
-        "COMPOSE_PROJECT_NAME": PROJECT,
-        "HTTP_PORT": str(PORT),
-        "PROMETHEUS_PORT": str(PROMETHEUS_PORT),
-        "GRAFANA_PORT": "13000",
-    }
-    # The unit tests turn the SDK off in this process; the stack's workers must keep it on.
-    env.pop("OTEL_SDK_DISABLED", None)
-    exports = subprocess.run(
-        ["scripts/cluster.sh", "env"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=3600,
-    ).stdout
-    for line in exports.splitlines():
-        if line.startswith("export "):
-            name, _, value = line.removeprefix("export ").partition("=")
-            env[name] = value.strip("'\"")
-    return env
+    return cluster_env(
+        PROJECT,
+        # Two workers per replica (the default is one): every worker of every replica must
+        # report, and nothing be counted twice.
+        API_WORKERS="2",
+        HTTP_PORT=str(PORT),
+        PROMETHEUS_PORT=str(PROMETHEUS_PORT),
+        GRAFANA_PORT="13000",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -60,7 +60,7 @@ def test_every_worker_of_every_replica_reports(stack: Stack) -> None:
         r["metric"]["instance"] for r in stack.prometheus('mnist_queue_depth{job="mnist-api"}')
     }
     assert len(hosts) == REPLICAS
-    assert len(workers) == 2 * REPLICAS  # WEB_CONCURRENCY=2: one series per worker
+    assert len(workers) == 2 * REPLICAS  # API_WORKERS=2 in this stack: one series per worker
     assert all(re.fullmatch(r".+-\d+", w) for w in workers)  # <hostname>-<pid>
 
 

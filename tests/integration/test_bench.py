@@ -1,0 +1,104 @@
+"""`make bench`, short version (BENCH_QUICK=1), against the real test stack: the benchmark tool
+works end to end. Every scenario is measured with the real load generators, the ceiling stack
+starts and goes, every plot is written, and the cluster is left as it was found.
+
+It checks what must hold on any machine (no request lost, only deliberate refusals under
+overload), not performance figures: those are the benchmark's output, quoted from full runs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.integration.conftest import PORT, PROJECT, REPLICAS, REPO, Stack
+
+SCENARIOS = {
+    "replicas",
+    "concurrency",
+    "ceiling",
+    "ratio",
+    "open_loop",
+    "overload",
+    "payload",
+    "floor",
+}
+PLOTS = ("concurrency", "replicas", "open_loop", "overload", "payloads")
+
+
+def test_quick_bench_measures_every_scenario(stack: Stack, tmp_path: Path) -> None:
+    limit_before = stack.container_env("nginx")["RATE_LIMIT_RPS"]
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.bench",
+            "--project",
+            PROJECT,
+            "--port",
+            str(PORT),
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env={**stack.env, "BENCH_QUICK": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    (run,) = tmp_path.iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+
+    assert summary["plan"] == "quick"
+    assert summary["cluster"] == {
+        "project": PROJECT,
+        "replicas": REPLICAS,
+        "workers_per_replica": 2,
+        "telemetry": True,
+    }
+    records = summary["scenarios"]
+    assert {r["scenario"] for r in records} == SCENARIOS
+    for record in records:
+        where = f"{record['scenario']} {record['target']} {record.get('payload')}"
+        assert record["requests"] > 0, where
+        assert record["throughput"] > 0, where
+        # Nothing lost: every request got an HTTP answer, and the only refusals are the
+        # deliberate ones (503 shed, 429 rate limit).
+        assert set(record["errors_by_status"]) <= {"503", "429"}, (where, record)
+        assert set(record["latency_ms"]) >= {"p50", "p90", "p99", "p99.9", "max"}, where
+        if record["target"] != "floor":
+            # The engine reports each container's CPU; the API replicas did the work.
+            cpu = record["cpu_seconds"]
+            assert cpu, where
+            assert sum(s for n, s in cpu.items() if "-api-" in n) > 0, where
+    swept = {"replicas", "concurrency"}
+    replica_counts = {r["replicas"] for r in records if r["scenario"] in swept}
+    assert replica_counts == {1, REPLICAS}
+    saturation = summary["saturation"]
+    assert saturation["throughput"] > 0
+    assert saturation["ratio_to_ceiling"] > 0
+    overload = next(r for r in records if r["scenario"] == "overload")
+    assert overload["rate"] == round(2 * saturation["throughput"], 1)
+    assert set(summary["targets"]) == {
+        "throughput_ratio_to_ceiling",
+        "errors_below_saturation",
+        "p99_ms_at_half_saturation",
+        "overload_unexpected_statuses",
+        "overload_answered_p99_ms",
+    }
+    for name in PLOTS:
+        png = (run / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n"), name
+        assert len(png) > 10_000, name
+    assert "| scenario |" in (run / "report.md").read_text()
+    assert summary["seconds"] < 120, "BENCH_QUICK must stay under 2 minutes"
+
+    # Left as found: the replica count, nginx's rate limit, no ceiling project.
+    assert len(stack.replicas()) == REPLICAS
+    assert stack.container_env("nginx")["RATE_LIMIT_RPS"] == limit_before
+    ceiling = Stack({**stack.env, "COMPOSE_PROJECT_NAME": f"{PROJECT}-ceiling"})
+    assert ceiling.compose("ps", "-q") == ""
