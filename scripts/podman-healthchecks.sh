@@ -49,7 +49,7 @@ case "${1:-}" in
           *) continue ;;
         esac
         last[$id]=$now
-        podman healthcheck run "$id" >/dev/null 2>&1 || true
+        podman healthcheck run "$id" </dev/null >/dev/null 2>&1 || true
       done < <(podman ps --format '{{.ID}} {{.Status}}' 2>/dev/null || true)
       sleep "$STARTING_INTERVAL"
     done
