@@ -47,6 +47,10 @@ graceful_timeout = _int("GRACEFUL_TIMEOUT", 20)
 # it, and nginx answers 502.
 keepalive = _int("KEEP_ALIVE", 75)
 
+# No control socket (gunicorn >= 25: a Unix socket through which `gunicornc` can reload, resize
+# or stop the server). Replicas are managed by the engine, and in the read-only container its
+# default path ($HOME/.gunicorn) cannot be created: every start logged an error.
+control_socket_disable = True
 # Worker heartbeat files in memory, not on a container's overlay filesystem.
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 # nginx logs every request at the edge; the app logs errors only.
