@@ -363,7 +363,7 @@ class Bench:
         self.workers = int(api_env.get("WEB_CONCURRENCY", "1"))
         telemetry = api_env.get("OTEL_SDK_DISABLED", "false").lower() != "true"
         self.say(
-            f"cluster: {configured} replicas x {self.workers} workers, telemetry "
+            f"cluster: {configured} replicas x {self.workers} worker(s), telemetry "
             f"{'on' if telemetry else 'off'}; {os.cpu_count()} cores; "
             f"{'quick' if plan is QUICK else 'full'} plan"
         )
@@ -420,10 +420,12 @@ class Bench:
                 target="ceiling",
                 clusters=both,
             )
-        # Where the service's sweep peaked, service and ceiling alternate (A B A B ...) so
-        # that the noise of a shared machine falls on both alike.
+        # Where the service's sweep peaks (the fewest connections within 5 % of its best: more
+        # only queue or get refused), service and ceiling alternate (A B A B ...) so that the
+        # noise of a shared machine falls on both alike.
         sweep = [r for r in self.records if r["scenario"] == "concurrency"]
-        peak = max(sweep, key=lambda r: r["throughput"])["concurrency"]
+        best = max(r["throughput"] for r in sweep)
+        peak = min(r["concurrency"] for r in sweep if r["throughput"] >= 0.95 * best)
         ratios, service_rps = [], []
         for _ in range(plan.ratio_rounds):
             pair = {

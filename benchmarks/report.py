@@ -61,7 +61,7 @@ def _headline(summary: dict[str, Any]) -> list[str]:
     cluster, machine, saturation = summary["cluster"], summary["machine"], summary["saturation"]
     return [
         f"{summary['plan']} run of {summary['started']}, {summary['seconds']} s; "
-        f"{cluster['replicas']} replicas x {cluster['workers_per_replica']} workers, telemetry "
+        f"{cluster['replicas']} replicas x {cluster['workers_per_replica']} worker(s), telemetry "
         f"{'on' if cluster['telemetry'] else 'off'}",
         f"machine: {machine['cores']} cores ({machine['cpu']}), {machine['memory_gib']} GiB, "
         f"{machine['engine']}",
