@@ -45,7 +45,7 @@ def _records(summary: dict[str, Any], scenario: str, **match: Any) -> list[dict[
 def _title(summary: dict[str, Any], what: str) -> str:
     cluster, machine = summary["cluster"], summary["machine"]
     return (
-        f"{what}\n{cluster['replicas']} replicas x {cluster['workers_per_replica']} workers, "
+        f"{what}\n{cluster['replicas']} replicas x {cluster['workers_per_replica']} worker(s), "
         f"telemetry {'on' if cluster['telemetry'] else 'off'}; {machine['cores']} cores, "
         f"{summary['started'][:16]}"
     )
