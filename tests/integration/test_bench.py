@@ -29,6 +29,7 @@ PLOTS = ("concurrency", "replicas", "open_loop", "overload", "payloads")
 
 
 def test_quick_bench_measures_every_scenario(stack: Stack, tmp_path: Path) -> None:
+    stack.ensure_replicas(REPLICAS)  # earlier tests scale the stack
     limit_before = stack.container_env("nginx")["RATE_LIMIT_RPS"]
     completed = subprocess.run(
         [
