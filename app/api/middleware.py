@@ -10,6 +10,24 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
+def json_response(status: int, detail: str, *headers: tuple[bytes, bytes]) -> tuple[Message, ...]:
+    """The ASGI messages of a complete JSON error response `{"detail": ...}`, built once at
+    start-up; send a copy of each (servers may alter what they are given)."""
+    body = json.dumps({"detail": detail}).encode()
+    return (
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        },
+        {"type": "http.response.body", "body": body},
+    )
+
+
 class ServedByMiddleware:
     """Adds `X-Served-By: <hostname>/<pid>` to every response, so that load balancing across
     replicas and workers can be seen from the client side."""
@@ -53,20 +71,10 @@ class BodySizeLimitMiddleware:
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        body = json.dumps(
-            {"detail": f"request body too large: the limit is {max_bytes:,} bytes"}
-        ).encode()
-        self._response: tuple[Message, Message] = (
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            },
-            {"type": "http.response.body", "body": body},
+        self._response = json_response(
+            413,
+            f"request body too large: the limit is {max_bytes:,} bytes",
+            (b"connection", b"close"),
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -141,20 +149,10 @@ class InFlightLimitMiddleware:
         self.prefix = prefix
         self.on_reject = on_reject
         self.in_flight = 0
-        body = json.dumps(
-            {"detail": f"overloaded: this worker is serving {limit} requests; retry shortly"}
-        ).encode()
-        self._response: tuple[Message, Message] = (
-            {
-                "type": "http.response.start",
-                "status": 503,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"retry-after", b"1"),
-                ],
-            },
-            {"type": "http.response.body", "body": body},
+        self._response = json_response(
+            503,
+            f"overloaded: this worker is serving {limit} requests; retry shortly",
+            (b"retry-after", b"1"),
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
