@@ -162,3 +162,34 @@ def test_rate_limited_clients_get_429_json(stack: Stack) -> None:
         assert "rate limit" in json.loads(body)["detail"]
     finally:
         stack.compose("up", "-d", "--no-deps", "--force-recreate", "nginx")
+
+
+def test_full_replicas_refuse_at_once_with_503_json(stack: Stack) -> None:
+    # At most one request in progress per replica: 24 clients find them full most of the time.
+    capped = {**stack.env, "API_MAX_CONNS": "1"}
+    try:
+        Stack(capped).compose("up", "-d", "--no-deps", "--force-recreate", "nginx")
+        wait_for(
+            lambda: stack.request("GET", "/healthz")[0] == 200, timeout=60, what="nginx to restart"
+        )
+        refused: tuple[dict[str, str], bytes] | None = None
+        with Load(stack, clients=24) as load:
+            time.sleep(1)
+            for _ in range(200):  # one refusal to look at
+                status, headers, body = stack.request(
+                    "POST", "/predict", DIGIT_BODY, {"Content-Type": DIGIT_TYPE}
+                )
+                if status == 503:
+                    refused = (headers, body)
+                    break
+        assert load.statuses[200] > 0, load.statuses
+        assert load.statuses[503] > 0, load.statuses
+        assert set(load.statuses) == {200, 503}, load.statuses  # refused, never failed or lost
+        assert refused is not None
+        headers, body = refused
+        assert headers["content-type"].startswith("application/json")
+        assert headers["retry-after"] == "1"
+        # nginx's refusal, not a replica's (a replica never holds more than one here).
+        assert "every API replica" in json.loads(body)["detail"]
+    finally:
+        stack.compose("up", "-d", "--no-deps", "--force-recreate", "nginx")
