@@ -131,7 +131,10 @@ def overview() -> Dashboard:
     )
     d.panel(
         "Requests/s through nginx",
-        [("sum(rate(nginx_requests_total[1m]))", "nginx")],
+        [
+            ("sum(rate(nginx_requests_total[1m]))", "nginx"),
+            ("mnist:edge_answered:rate1m", "answered by nginx itself (refused, health checks)"),
+        ],
         unit="reqps",
         width=8,
     )

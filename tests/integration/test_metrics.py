@@ -111,6 +111,7 @@ def test_every_rule_is_valid_and_loaded(stack: Stack) -> None:
         "MnistHighLatencyP99",
         "MnistReplicaMissing",
         "MnistOverloadRejections",
+        "MnistEdgeRefusals",
         "CollectorDown",
     }
     assert all(r["health"] == "ok" for r in rules), [r for r in rules if r["health"] != "ok"]
