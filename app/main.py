@@ -77,7 +77,8 @@ def create_app(
     app.include_router(predict.router)
     app.include_router(health.router)
     errors.install(app)
-    # Added last, so outermost: an oversized body is refused before anything reads it.
+    # Added in this order, each outside the last: the in-flight limit refuses first (cheapest),
+    # then an oversized body is refused before anything reads it.
     app.add_middleware(ServedByMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     # Outermost: under overload a refusal must cost as little as possible.

@@ -26,6 +26,7 @@ import io
 import json
 import os
 import platform
+import signal
 import socket
 import statistics
 import sys
@@ -47,6 +48,8 @@ from tests import uploads
 from tests.mnist_slice import load_test_slice
 
 UNLIMITED = "1000000"  # nginx rate limit for the run: far above what any scenario offers
+# nginx's settings from compose.yaml, carried over when the bench recreates it.
+EDGE_SETTINGS = ("RATE_LIMIT_RPS", "RATE_LIMIT_BURST", "MAX_UPLOAD_BYTES", "API_MAX_CONNS")
 
 
 @dataclass(frozen=True)
@@ -305,21 +308,24 @@ class Bench:
 
     @contextmanager
     def edge_unlimited(self) -> Iterator[None]:
-        """nginx recreated with the per-client rate limit lifted; the old limit afterwards."""
-        nginx = self.cluster.container_env("nginx")
-        names = ("RATE_LIMIT_RPS", "RATE_LIMIT_BURST")
-        limit: dict[str, str] = {k: nginx[k] for k in names if k in nginx}
-        lifted: dict[str, str] = {"RATE_LIMIT_RPS": UNLIMITED, "RATE_LIMIT_BURST": UNLIMITED}
+        """nginx recreated with the per-client rate limit lifted; as it was afterwards. Its
+        other settings and its port are carried over from the running container."""
+        running = self.cluster.container_env("nginx")
+        kept = {k: running[k] for k in EDGE_SETTINGS if k in running}
+        limit: dict[str, str] = {
+            k: kept[k] for k in ("RATE_LIMIT_RPS", "RATE_LIMIT_BURST") if k in kept
+        }
+        base = {**self.cluster.env, **kept, "HTTP_PORT": str(self.port)}
 
         def recreate(values: dict[str, str]) -> None:
-            Cluster({**self.cluster.env, **values}).compose(
+            Cluster({**base, **values}).compose(
                 "up", "-d", "--no-deps", "--force-recreate", "nginx"
             )
             wait_http(self.url + "/readyz", timeout=60)
 
         self.say(f"lifting nginx's per-client rate limit for the run (was {limit})")
-        recreate(lifted)
         try:
+            recreate({"RATE_LIMIT_RPS": UNLIMITED, "RATE_LIMIT_BURST": UNLIMITED})
             yield
         finally:
             self.say(f"restoring nginx's rate limit {limit}")
@@ -559,6 +565,9 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
+    # On SIGTERM (a timeout, a CI runner) unwind like on Ctrl-C, so that nginx's limit, the
+    # replica count and the ceiling project are put back.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("benchmark terminated"))
 
     from benchmarks import plots, report  # matplotlib loads only when a run is made
 

@@ -2,8 +2,8 @@
 -- by status, and print the run's figures as one JSON line (marked WRK_JSON) for
 -- benchmarks/wrk.py to parse.
 --
--- Each connection behaves like a well-behaved client: after a refusal that carries Retry-After
--- (503 shed, 429 rate limit) it waits that long before its next request. Without this, a
+-- Connections behave like well-behaved clients: after a refusal that carries Retry-After
+-- (503 shed, 429 rate limit) a request waits that long before it is sent. Without this, a
 -- closed-loop generator answered at once with 503 turns into a flood of retries that measures
 -- how fast nginx can refuse, not how the service behaves.
 local f = assert(io.open(os.getenv("WRK_BODY"), "rb"))
@@ -20,22 +20,25 @@ end
 
 function init(args)
   statuses = {}
-  backoff_ms = 0
+  waits = {}  -- Retry-After waits owed, in ms, first in first out
 end
 
--- wrk calls delay() before each request of a connection, right after that connection's
--- response() (one Lua state per thread, so the pending wait is handed over through it).
+-- wrk asks delay() before each request it sends, on whichever connection is next; one Lua
+-- state serves all of a thread's connections and cannot tell them apart. So the waits owed
+-- are queued and paid one per request: as many waits as refusals, each as long as asked,
+-- though not always by the connection that was refused.
 function delay()
-  local wait = backoff_ms
-  backoff_ms = 0
-  return wait
+  if #waits == 0 then
+    return 0
+  end
+  return table.remove(waits, 1)
 end
 
 function response(status, headers, body)
   statuses[status] = (statuses[status] or 0) + 1
   local retry_after = tonumber(headers["Retry-After"] or headers["retry-after"] or "")
   if retry_after and (status == 503 or status == 429) then
-    backoff_ms = retry_after * 1000
+    waits[#waits + 1] = retry_after * 1000
   end
 end
 

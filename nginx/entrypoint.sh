@@ -38,7 +38,7 @@ printf '{"detail":"request body too large: the limit is %s bytes"}\n' "$body" > 
 printf '{"detail":"rate limit exceeded: %s requests/s per client (burst %s); retry shortly"}\n' \
   "$rate" "$burst" > /tmp/errors/429.json
 printf '{"detail":"no API replica could answer in time; retry shortly"}\n' > /tmp/errors/50x.json
-printf '{"detail":"overloaded: every API replica is serving all it can take; retry shortly"}\n' \
+printf '{"detail":"no API replica can take this request now: every one is full (overloaded) or none is up; retry shortly"}\n' \
   > /tmp/errors/busy.json
 
 echo "entrypoint: resolver $resolver, upstream $upstream (max $max_conns requests per replica)," \

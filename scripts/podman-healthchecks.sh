@@ -22,6 +22,8 @@ readonly PIDFILE=/run/podman/mnist-healthchecks.pid
 readonly LOG=/var/log/mnist-podman-healthchecks.log
 readonly INTERVAL=${HEALTHCHECK_INTERVAL:-5}
 readonly STARTING_INTERVAL=1
+[[ $INTERVAL =~ ^[1-9][0-9]*$ ]] || {
+  echo "podman-healthchecks: HEALTHCHECK_INTERVAL=$INTERVAL must be whole seconds" >&2; exit 2; }
 
 running() { [[ -s $PIDFILE ]] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
 

@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 def json_response(status: int, detail: str, *headers: tuple[bytes, bytes]) -> tuple[Message, ...]:
     """The ASGI messages of a complete JSON error response `{"detail": ...}`, built once at
-    start-up; send a copy of each (servers may alter what they are given)."""
+    start-up; send them with `send_copies` (servers may alter what they are given)."""
     body = json.dumps({"detail": detail}).encode()
     return (
         {
@@ -26,6 +26,14 @@ def json_response(status: int, detail: str, *headers: tuple[bytes, bytes]) -> tu
         },
         {"type": "http.response.body", "body": body},
     )
+
+
+async def send_copies(send: Send, messages: tuple[Message, ...]) -> None:
+    for message in messages:
+        copy = dict(message)
+        if "headers" in copy:
+            copy["headers"] = list(copy["headers"])
+        await send(copy)
 
 
 class ServedByMiddleware:
@@ -84,8 +92,7 @@ class BodySizeLimitMiddleware:
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if value.isdigit() and int(value) > self.max_bytes:
-                    for message in self._response:
-                        await send(dict(message))
+                    await send_copies(send, self._response)
                     return
                 break
 
@@ -110,8 +117,7 @@ class BodySizeLimitMiddleware:
                 # while parsing a form into a 400): answer 413 instead.
                 if message["type"] == "http.response.start" and not started:
                     started = True
-                    await send(dict(self._response[0]))
-                    await send(dict(self._response[1]))
+                    await send_copies(send, self._response)
                 return
             if message["type"] == "http.response.start":
                 started = True
@@ -123,8 +129,7 @@ class BodySizeLimitMiddleware:
             if started:
                 raise
             started = True
-            for message in self._response:
-                await send(dict(message))
+            await send_copies(send, self._response)
 
 
 class InFlightLimitMiddleware:
@@ -162,8 +167,7 @@ class InFlightLimitMiddleware:
         if self.in_flight >= self.limit:
             if self.on_reject is not None:
                 self.on_reject()
-            for message in self._response:
-                await send(dict(message))
+            await send_copies(send, self._response)
             return
         self.in_flight += 1
         try:

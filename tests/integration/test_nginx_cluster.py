@@ -190,6 +190,6 @@ def test_full_replicas_refuse_at_once_with_503_json(stack: Stack) -> None:
         assert headers["content-type"].startswith("application/json")
         assert headers["retry-after"] == "1"
         # nginx's refusal, not a replica's (a replica never holds more than one here).
-        assert "every API replica" in json.loads(body)["detail"]
+        assert "every one is full" in json.loads(body)["detail"]
     finally:
         stack.compose("up", "-d", "--no-deps", "--force-recreate", "nginx")
