@@ -340,6 +340,8 @@ class Bench:
                 "COMPOSE_PROJECT_NAME": f"{self.cluster.project}-ceiling",
                 "RATE_LIMIT_RPS": UNLIMITED,
                 "RATE_LIMIT_BURST": UNLIMITED,
+                # The ceiling is as fast as the stack goes: no admission cap of its own.
+                "API_MAX_CONNS": UNLIMITED,
                 "API_WORKERS": str(self.workers),
             },
             files=("benchmarks/compose.ceiling.yaml",),
