@@ -42,8 +42,8 @@ import numpy as np
 from PIL import Image
 
 from benchmarks import vegeta, wrk
-from benchmarks.cluster import REPO, Cluster, engine_env, engine_get, poll, wait_http
-from benchmarks.servers import gunicorn
+from benchmarks.cluster import Cluster, engine_env, engine_get, poll
+from benchmarks.servers import REPO, gunicorn, wait_ready
 from tests import uploads
 from tests.mnist_slice import load_test_slice
 
@@ -321,7 +321,7 @@ class Bench:
             Cluster({**base, **values}).compose(
                 "up", "-d", "--no-deps", "--force-recreate", "nginx"
             )
-            wait_http(self.url + "/readyz", timeout=60)
+            wait_ready(self.url + "/readyz", timeout=60)
 
         self.say(f"lifting nginx's per-client rate limit for the run (was {limit})")
         try:
@@ -356,7 +356,7 @@ class Bench:
                 what="the ceiling's replicas to be healthy",
             )
             url = "http://" + ceiling.published("nginx", 8080)
-            wait_http(url + "/readyz", timeout=60)
+            wait_ready(url + "/readyz", timeout=60)
             yield ceiling, url
         finally:
             ceiling.compose("down", "--remove-orphans", "--timeout", "5", check=False)
@@ -365,7 +365,7 @@ class Bench:
 
     def run(self) -> dict[str, Any]:
         plan = self.plan
-        wait_http(self.url + "/readyz", timeout=10)
+        wait_ready(self.url + "/readyz", timeout=10)
         configured = len(self.cluster.replicas())
         api_env = self.cluster.container_env("api")
         self.workers = int(api_env.get("WEB_CONCURRENCY", "1"))

@@ -15,13 +15,12 @@ import socket
 import subprocess
 import time
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks.servers import REPO
+
 T = TypeVar("T")
 
 
@@ -173,13 +172,3 @@ class Cluster:
         except (OSError, ValueError, KeyError):
             return None
         return usage or None
-
-
-def wait_http(url: str, timeout: float) -> None:
-    """Wait until GET `url` answers 200."""
-
-    def ok() -> bool:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
-
-    poll(ok, timeout=timeout, what=f"{url} to answer 200")
