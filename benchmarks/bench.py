@@ -194,16 +194,15 @@ class Bench:
 
     # -- measurement ---------------------------------------------------------------------
 
+    @staticmethod
     def _cpu_delta(
-        self, clusters: list[Cluster], before: list[dict[str, float] | None]
+        cluster: Cluster | None, before: dict[str, float] | None
     ) -> dict[str, float] | None:
-        usage: dict[str, float] = {}
-        for cluster, start in zip(clusters, before, strict=True):
-            end = cluster.cpu_seconds()
-            if start is None or end is None:
-                continue
-            usage.update({name: round(end[name] - start[name], 2) for name in end if name in start})
-        return usage or None
+        """CPU seconds each container of `cluster` used since `before`."""
+        after = cluster.cpu_seconds() if cluster is not None else None
+        if before is None or after is None:
+            return None
+        return {name: round(after[name] - before[name], 2) for name in after if name in before}
 
     def closed(
         self,
@@ -214,11 +213,12 @@ class Bench:
         seconds: float,
         replicas: int | None,
         payload: str = "png-28x28",
+        cluster: Cluster | None,
         target: str = "service",
-        clusters: list[Cluster] | None = None,
     ) -> dict[str, Any]:
-        clusters = clusters if clusters is not None else [self.cluster]
-        before = [cluster.cpu_seconds() for cluster in clusters]
+        """A closed-loop run against `url`; CPU is read from `cluster`, the one under load
+        (None: nothing to read, as for the floor on the host)."""
+        before = cluster.cpu_seconds() if cluster is not None else None
         result = wrk.run(
             url + "/predict",
             self.payloads[payload],
@@ -243,7 +243,7 @@ class Bench:
             "errors_by_status": errors,
             "throughput": round(result.throughput, 1),
             "latency_ms": result.latency_ms,
-            "cpu_seconds": self._cpu_delta(clusters, before),
+            "cpu_seconds": self._cpu_delta(cluster, before),
             "generator_cpu_seconds": result.generator_cpu_seconds,
         }
         self.records.append(record)
@@ -260,7 +260,7 @@ class Bench:
     ) -> dict[str, Any]:
         before = self.cluster.cpu_seconds()
         result = vegeta.run(self.url + "/predict", self.digit, rate=rate, seconds=seconds)
-        cpu = self._cpu_delta([self.cluster], [before])
+        cpu = self._cpu_delta(self.cluster, before)
         errors = {s: n for s, n in result.statuses.items() if not s.startswith("2")}
         record = {
             "scenario": scenario,
@@ -400,7 +400,7 @@ class Bench:
     def closed_loop(self, configured: int, ceiling: Cluster, ceiling_url: str) -> dict[str, Any]:
         """The replica sweep, the ceiling's sweep, then service and ceiling alternated at the
         saturating concurrency. Returns the saturation point and the ratio."""
-        plan, both = self.plan, [self.cluster, ceiling]
+        plan = self.plan
         for url in (self.url, ceiling_url):  # warm every worker
             wrk.run(url + "/predict", self.digit, connections=16, seconds=2, threads=2)
         # The sweep at the configured replica count is the concurrency scenario.
@@ -414,7 +414,7 @@ class Bench:
                         concurrency=concurrency,
                         seconds=plan.sweep_seconds,
                         replicas=replicas,
-                        clusters=both,
+                        cluster=self.cluster,
                     )
         finally:
             self.scale(configured)
@@ -426,7 +426,7 @@ class Bench:
                 seconds=plan.sweep_seconds,
                 replicas=configured,
                 target="ceiling",
-                clusters=both,
+                cluster=ceiling,
             )
         # Where the service's sweep peaks (the fewest connections within 5 % of its best: more
         # only queue or get refused), service and ceiling alternate (A B A B ...) so that the
@@ -444,9 +444,12 @@ class Bench:
                     seconds=plan.ratio_seconds,
                     replicas=configured,
                     target=target,
-                    clusters=both,
+                    cluster=cluster,
                 )
-                for target, url in (("service", self.url), ("ceiling", ceiling_url))
+                for target, url, cluster in (
+                    ("service", self.url, self.cluster),
+                    ("ceiling", ceiling_url, ceiling),
+                )
             }
             ratios.append(pair["service"]["throughput"] / max(1.0, pair["ceiling"]["throughput"]))
             service_rps.append(pair["service"]["throughput"])
@@ -481,6 +484,7 @@ class Bench:
                 seconds=plan.payload_seconds,
                 replicas=configured,
                 payload=name,
+                cluster=self.cluster,
             )
 
     def floor(self) -> None:
@@ -501,7 +505,7 @@ class Bench:
                     seconds=self.plan.floor_seconds,
                     replicas=None,
                     target="floor",
-                    clusters=[],
+                    cluster=None,
                 )
 
 
@@ -563,7 +567,7 @@ def main() -> None:
         "--port",
         type=int,
         default=None,
-        help="nginx's published port (default: HTTP_PORT from the environment or .env)",
+        help="nginx's published port (default: the one the running nginx is published on)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
@@ -573,11 +577,10 @@ def main() -> None:
 
     from benchmarks import plots, report  # matplotlib loads only when a run is made
 
-    env = engine_env(args.project)
-    port = args.port or int(env.get("HTTP_PORT") or dotenv("HTTP_PORT") or 8000)
-    cluster = Cluster(env)
+    cluster = Cluster(engine_env(args.project))
     if not cluster.replicas():
         sys.exit(f"no running cluster in compose project {args.project!r}: start it with `make up`")
+    port = args.port or int(cluster.published("nginx", 8080).rpartition(":")[2])
     out = args.out / f"{datetime.now(UTC):%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
     bench = Bench(QUICK if args.quick else FULL, cluster, port, out)
@@ -588,13 +591,6 @@ def main() -> None:
     print()
     print(report.text(summary))
     print(f"written: {out}")
-
-
-def dotenv(name: str) -> str | None:
-    for line in (REPO / ".env").read_text().splitlines():
-        if line.startswith(f"{name}="):
-            return line.split("=", 1)[1].strip()
-    return None
 
 
 if __name__ == "__main__":
