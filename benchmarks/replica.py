@@ -13,7 +13,6 @@ Writes benchmarks/results/<date-time>-replica/replica.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
@@ -22,19 +21,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
-
 from benchmarks import wrk
+from benchmarks.bench import payloads
 from benchmarks.servers import REPO, gunicorn
-from tests.mnist_slice import load_test_slice
-
-
-def digit_png() -> bytes:
-    images, _ = load_test_slice()
-    buffer = io.BytesIO()
-    Image.fromarray((images[0] * 255).round().astype(np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def main() -> None:
@@ -53,7 +42,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
 
-    payload = wrk.Payload.multipart(digit_png(), "digit.png")
+    payload = payloads()["png-28x28"]  # the same upload make bench sends
     # Throughput, not admission, is measured here: no in-flight refusals (wrk's connections are
     # spread unevenly over the workers).
     off = {"OTEL_SDK_DISABLED": "true", "MAX_IN_FLIGHT": "100000"}
