@@ -13,6 +13,8 @@ from app.main import create_app
 from app.telemetry import LATENCY_BUCKETS, build_provider, instance_id
 from tests.conftest import FakeModel, digit_image, png_bytes
 
+# One MNIST digit as an upload, posted by every test that needs a prediction.
+DIGIT = {"file": ("d.png", png_bytes(digit_image()), "image/png")}
 
 def collect(reader: InMemoryMetricReader) -> dict[str, Any]:
     data = reader.get_metrics_data()
@@ -42,8 +44,7 @@ def test_predictions_are_counted_by_digit(
     observed: tuple[TestClient, InMemoryMetricReader],
 ) -> None:
     client, reader = observed
-    files = {"file": ("d.png", png_bytes(digit_image()), "image/png")}
-    digits = [client.post("/predict", files=files).json()["digit"] for _ in range(7)]
+    digits = [client.post("/predict", files=DIGIT).json()["digit"] for _ in range(7)]
     batch = [("files", (f"{i}.png", png_bytes(digit_image()), "image/png")) for i in range(3)]
     assert client.post("/predict/batch", files=batch).status_code == 200
     metrics = collect(reader)
@@ -62,9 +63,8 @@ def test_internals_are_measured_in_seconds(
     observed: tuple[TestClient, InMemoryMetricReader],
 ) -> None:
     client, reader = observed
-    files = {"file": ("d.png", png_bytes(digit_image()), "image/png")}
     for _ in range(5):
-        assert client.post("/predict", files=files).status_code == 200
+        assert client.post("/predict", files=DIGIT).status_code == 200
     metrics = collect(reader)
     for name in ("mnist.preprocess.duration", "mnist.inference.duration", "mnist.queue.wait"):
         metric = metrics[name][0]
@@ -82,8 +82,7 @@ def test_http_duration_uses_stable_conventions_and_millisecond_buckets(
     observed: tuple[TestClient, InMemoryMetricReader],
 ) -> None:
     client, reader = observed
-    files = {"file": ("d.png", png_bytes(digit_image()), "image/png")}
-    assert client.post("/predict", files=files).status_code == 200
+    assert client.post("/predict", files=DIGIT).status_code == 200
     client.get("/healthz")  # excluded: health checks would drown the latency figures
     found = collect(reader)
     for unused in (
@@ -122,5 +121,4 @@ def test_disabled_sdk_adds_no_instrumentation(
     app = create_app(settings, model_loader=lambda _s: FakeModel())
     assert not getattr(app, "_is_instrumented_by_opentelemetry", False)
     with TestClient(app) as client:
-        files = {"file": ("d.png", png_bytes(digit_image()), "image/png")}
-        assert client.post("/predict", files=files).status_code == 200
+        assert client.post("/predict", files=DIGIT).status_code == 200
