@@ -16,6 +16,7 @@ from tests.conftest import FakeModel, digit_image, png_bytes
 # One MNIST digit as an upload, posted by every test that needs a prediction.
 DIGIT = {"file": ("d.png", png_bytes(digit_image()), "image/png")}
 
+
 def collect(reader: InMemoryMetricReader) -> dict[str, Any]:
     data = reader.get_metrics_data()
     assert data is not None
