@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import numpy.typing as npt
@@ -164,6 +165,11 @@ def to_grayscale(image: Image.Image) -> FloatImage:
         ) from None
 
 
+# 8-bit level -> float in [0, 1]: a table lookup gives the same values as dividing by 255, at
+# a fraction of the cost on small images.
+_LEVELS = np.arange(256, dtype=np.float32) / np.float32(255.0)
+
+
 def _gray_floats(image: Image.Image) -> FloatImage:
     mode = image.mode
     if mode.startswith("I;16"):
@@ -177,7 +183,8 @@ def _gray_floats(image: Image.Image) -> FloatImage:
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if not has_alpha:
         gray = image if mode == "L" else image.convert("L")
-        return np.asarray(gray, dtype=np.float32) / np.float32(255.0)
+        levels = np.frombuffer(gray.tobytes(), np.uint8).reshape(gray.height, gray.width)
+        return _LEVELS.take(levels)
     la = np.asarray(image.convert("RGBA").convert("LA"), dtype=np.float32) / 255.0
     luminance, alpha = la[..., 0], la[..., 1]
     if float(alpha.min()) >= 0.999:
@@ -218,20 +225,64 @@ def _tile_background(gray: FloatImage, *, light: bool) -> FloatImage:
     return np.asarray(surface, dtype=np.float32)
 
 
-def _quantile(values: FloatImage, q: float) -> float:
-    """The q-quantile (0..1) of `values`, nearest rank. np.partition is ~10x cheaper than
-    np.median/np.percentile on the small arrays that most uploads are."""
-    flat = values.ravel()
+def _quantile(values: FloatImage, q: float, *, scratch: bool = False) -> float:
+    """The q-quantile (0..1) of `values`, nearest rank. A partial sort is ~10x cheaper than
+    np.median/np.percentile on the small arrays that most uploads are. `scratch`: `values`
+    is a temporary that may be reordered in place (saves a copy)."""
+    flat = values.ravel() if scratch else values.flatten()
     k = min(flat.size - 1, max(0, round(q * (flat.size - 1))))
-    return float(np.partition(flat, k)[k])
+    flat.partition(k)
+    return float(flat[k])
 
 
 def _ink_bbox(mask: npt.NDArray[np.bool_]) -> tuple[int, int, int, int] | None:
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
+    rows = np.asarray(mask.any(axis=1))
+    top = int(rows.argmax())
+    if not rows[top]:
         return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    cols = np.asarray(mask.any(axis=0))
+    left = int(cols.argmax())
+    bottom = rows.size - int(rows[::-1].argmax())
+    right = cols.size - int(cols[::-1].argmax())
+    return top, bottom, left, right
+
+
+def _lanczos(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    inside = np.abs(x) < 3.0
+    return np.where(inside, np.sinc(x) * np.sinc(x / 3.0), 0.0)
+
+
+@lru_cache(maxsize=64)
+def _resampling_matrix(size: int, new_size: int) -> npt.NDArray[np.float64]:
+    """The (new_size, size) matrix of Lanczos-3 weights that resamples a row of `size` pixels
+    to `new_size`: the coefficients Pillow computes for `Image.resize(..., LANCZOS)` (the
+    kernel is widened by the scale factor when reducing, and each row sums to 1).
+
+    Applied as two small matrix products, it gives Pillow's result (to 1 float32 ulp) on
+    digit-sized crops at a sixth of the cost. At most 20 x 1024 doubles each."""
+    scale = size / new_size
+    stretch = max(scale, 1.0)
+    support = 3.0 * stretch
+    weights = np.zeros((new_size, size), np.float64)
+    for row in range(new_size):
+        centre = (row + 0.5) * scale
+        first = max(int(centre - support + 0.5), 0)
+        stop = min(int(centre + support + 0.5), size)
+        taps = _lanczos((np.arange(first, stop, dtype=np.float64) - centre + 0.5) / stretch)
+        total = taps.sum()
+        weights[row, first:stop] = taps / total if total != 0.0 else taps
+    weights.setflags(write=False)
+    return weights
+
+
+def _resize(x: FloatImage, new_h: int, new_w: int) -> FloatImage:
+    """Lanczos resampling of `x` to (new_h, new_w): rows first, then columns, like Pillow."""
+    h, w = x.shape
+    if new_w != w:
+        x = (x @ _resampling_matrix(w, new_w).T).astype(np.float32)
+    if new_h != h:
+        x = (_resampling_matrix(h, new_h) @ x).astype(np.float32)
+    return x
 
 
 def normalize_digit(gray: npt.ArrayLike) -> Digit:
@@ -240,13 +291,15 @@ def normalize_digit(gray: npt.ArrayLike) -> Digit:
     if x.ndim != 2:
         raise ValueError(f"expected a 2-D grayscale image, got shape {x.shape}")
     height, width = x.shape
-    blank = Digit(np.zeros((SIZE, SIZE), np.float32), blank=True)
-    if x.size == 0 or float(x.max() - x.min()) < 0.04:
-        return blank  # uniform: empty page, all-ink, or no contrast worth the name
+    if x.size == 0:
+        return _blank()
+    brightest, darkest = x.max(), x.min()
+    if float(brightest - darkest) < 0.04:
+        return _blank()  # uniform: empty page, all-ink, or no contrast worth the name
 
     # 1. Polarity from the border: MNIST is light ink on a dark background.
     border = np.concatenate((x[0], x[-1], x[1:-1, 0], x[1:-1, -1]))
-    light_background = _quantile(border, 0.5) > 0.5
+    light_background = _quantile(border, 0.5, scratch=True) > 0.5
 
     # 2. Lighting. A photo of paper is brighter where the light falls: divide by the local
     #    paper brightness (flat-field correction). Small images are taken as evenly lit.
@@ -257,16 +310,18 @@ def normalize_digit(gray: npt.ArrayLike) -> Digit:
             x = (1.0 - reflectance).astype(np.float32, copy=False)
         else:
             x = np.clip(x - surface, 0.0, 1.0).astype(np.float32, copy=False)
+        brightest = x.max()
     elif light_background:
         x = 1.0 - x
+        brightest = np.float32(1.0) - darkest  # the same value as x.max(), for free
 
     # 3. Background level and noise, robustly (median and MAD; the ink is a minority).
     sample = x[::4, ::4] if x.size > 65536 else x
     floor = _quantile(sample, 0.5)
-    noise = 1.4826 * _quantile(np.abs(sample - floor), 0.5)
+    noise = 1.4826 * _quantile(np.abs(sample - floor), 0.5, scratch=True)
     low = floor + max(3.0 * noise, 0.02)
-    if float(x.max()) - low < 0.1:
-        return blank
+    if float(brightest) - low < 0.1:
+        return _blank()
 
     # 4. Crop to the ink. On large images, find it on a 4x reduced copy: averaging over 4x4
     #    blocks suppresses isolated specks of noise that would stretch the box.
@@ -275,7 +330,7 @@ def normalize_digit(gray: npt.ArrayLike) -> Digit:
         small = small.reshape(height // 4, 4, width // 4, 4).mean(axis=(1, 3))
         box = _ink_bbox(small > low + 0.5 * (float(small.max()) - low))
         if box is None:
-            return blank
+            return _blank()
         top, bottom, left, right = box
         top, left = max(0, 4 * top - 4), max(0, 4 * left - 4)
         bottom, right = min(height, 4 * bottom + 4), min(width, 4 * right + 4)
@@ -283,36 +338,47 @@ def normalize_digit(gray: npt.ArrayLike) -> Digit:
     ink = x > low
     box = _ink_bbox(ink)
     if box is None:
-        return blank
+        return _blank()
     top, bottom, left, right = box
     x = x[top:bottom, left:right]
     ink = ink[top:bottom, left:right]
 
     # 5. Contrast: background to 0, the ink's core to 1.
-    high = _quantile(x[ink], 0.95)
+    high = _quantile(x[ink], 0.95, scratch=True)
     if high - low < 0.1:
-        return blank
-    x = np.clip((x - low) / (high - low), 0.0, 1.0)
+        return _blank()
+    x = x - low
+    x /= high - low
+    np.clip(x, 0.0, 1.0, out=x)
 
     # 6. Scale into the 20x20 box, keeping the aspect ratio.
     h, w = x.shape
     scale = BOX / max(h, w)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
     if (new_h, new_w) != (h, w):
-        resized = Image.fromarray(x, mode="F").resize((new_w, new_h), Image.Resampling.LANCZOS)
-        x = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+        x = _resize(x, new_h, new_w)
+        np.clip(x, 0.0, 1.0, out=x)
 
     # 7. Centre of mass to the centre of the 28x28 frame.
-    mass = float(x.sum())
+    rows, cols = x.sum(axis=1), x.sum(axis=0)
+    mass = float(rows.sum())
     if mass <= 0.0:
-        return blank
-    cy = float(np.arange(new_h, dtype=np.float32) @ x.sum(axis=1)) / mass
-    cx = float(np.arange(new_w, dtype=np.float32) @ x.sum(axis=0)) / mass
+        return _blank()
+    cy = float(_INDEX[:new_h] @ rows) / mass
+    cx = float(_INDEX[:new_w] @ cols) / mass
     top = min(max(round(CENTRE - cy), 0), SIZE - new_h)
     left = min(max(round(CENTRE - cx), 0), SIZE - new_w)
     out = np.zeros((SIZE, SIZE), np.float32)
     out[top : top + new_h, left : left + new_w] = x
     return Digit(out, blank=False)
+
+
+_INDEX = np.arange(BOX, dtype=np.float32)  # row and column numbers in the 20x20 box
+
+
+def _blank() -> Digit:
+    """No ink was found."""
+    return Digit(np.zeros((SIZE, SIZE), np.float32), blank=True)
 
 
 def preprocess(data: bytes, *, max_pixels: int) -> Digit:
