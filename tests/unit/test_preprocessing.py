@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app import preprocessing
 from app.preprocessing import (
     BOX,
     SIZE,
@@ -17,6 +18,7 @@ from app.preprocessing import (
     EmptyImage,
     ImageTooLarge,
     UnsupportedImage,
+    _resize,
     normalize_digit,
     preprocess,
 )
@@ -250,3 +252,26 @@ def test_corrupt_pixel_data_is_refused() -> None:
     data[start : start + 20] = b"\xff" * 20
     with pytest.raises(CorruptImage):
         preprocess(bytes(data), max_pixels=LIMIT)
+
+
+@pytest.mark.parametrize(
+    ("height", "width"), [(1, 1), (3, 7), (20, 14), (28, 28), (45, 20), (300, 211), (1024, 700)]
+)
+def test_resize_is_pillows_lanczos(height: int, width: int) -> None:
+    """The digit is scaled with matrices of Pillow's Lanczos weights, not Pillow itself (5x
+    cheaper on a digit): the result must be Pillow's, up- and downscaling alike, or the model
+    would see something else than it was trained on."""
+    rng = np.random.default_rng(height * 1000 + width)
+    x = rng.random((height, width), dtype=np.float32)
+    scale = BOX / max(height, width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    pillow = Image.fromarray(x, mode="F").resize((new_w, new_h), Image.Resampling.LANCZOS)
+    ours = _resize(x, new_h, new_w)
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, np.asarray(pillow), rtol=0, atol=1e-6)
+
+
+def test_eight_bit_levels_are_exact() -> None:
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    gray = preprocessing._gray_floats(Image.fromarray(levels, mode="L"))
+    np.testing.assert_array_equal(gray, levels.astype(np.float32) / np.float32(255.0))
