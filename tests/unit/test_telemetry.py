@@ -10,11 +10,15 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from app.config import Settings
 from app.main import create_app
-from app.telemetry import LATENCY_BUCKETS, build_provider, instance_id
+from app.telemetry import LATENCY_BUCKETS, HttpServerMetrics, build_provider, instance_id
 from tests.conftest import FakeModel, digit_image, png_bytes
 
 # One MNIST digit as an upload, posted by every test that needs a prediction.
 DIGIT = {"file": ("d.png", png_bytes(digit_image()), "image/png")}
+
+
+def middleware_of(app: Any) -> list[Any]:
+    return [m.cls for m in app.user_middleware]
 
 
 def collect(reader: InMemoryMetricReader) -> dict[str, Any]:
@@ -36,7 +40,7 @@ def observed(
     reader = InMemoryMetricReader()
     provider = build_provider("test-1", [reader])
     app = create_app(settings, model_loader=lambda _s: FakeModel(), meter_provider=provider)
-    assert app._is_instrumented_by_opentelemetry  # type: ignore[attr-defined]
+    assert HttpServerMetrics in middleware_of(app)
     with TestClient(app) as client:
         yield client, reader  # type: ignore[misc]
 
@@ -91,15 +95,57 @@ def test_http_duration_uses_stable_conventions_and_millisecond_buckets(
         "http.server.response.body.size",
         "http.server.active_requests",
     ):
-        assert unused not in found  # dropped by a view: no series
+        assert unused not in found  # not recorded: no series
     metric = found["http.server.request.duration"][0]
     assert metric.unit == "s"
     (point,) = metric.data.data_points
     assert tuple(point.explicit_bounds) == LATENCY_BUCKETS
     assert point.explicit_bounds[0] <= 0.001  # a ~1 ms service needs sub-ms resolution
-    assert point.attributes["http.route"] == "/predict"
-    assert point.attributes["http.response.status_code"] == 200
+    assert dict(point.attributes) == {
+        "http.request.method": "POST",
+        "url.scheme": "http",
+        "network.protocol.version": "1.1",
+        "http.route": "/predict",
+        "http.response.status_code": 200,
+    }
     assert point.count == 1
+
+
+def test_http_errors_and_odd_methods_are_labelled_per_the_conventions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """5xx and exceptions carry error.type; a made-up method is _OTHER, not a new series."""
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "false")
+    reader = InMemoryMetricReader()
+    histogram = build_provider("test-1", [reader]).get_meter("t").create_histogram("d", unit="s")
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/boom":
+            raise RuntimeError("boom")
+        status = 503 if scope["path"] == "/busy" else 404
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    client = TestClient(HttpServerMetrics(app, histogram), raise_server_exceptions=False)
+    client.get("/busy")
+    client.request("BREW", "/nowhere")
+    client.request("BREW", "/elsewhere")
+    client.get("/boom")
+    client.get("/healthz")  # excluded
+    (metric,) = [m for m, _ in collect(reader).values()]
+    found = {
+        (
+            p.attributes["http.request.method"],
+            p.attributes.get("http.response.status_code"),
+            p.attributes.get("error.type"),
+        ): p.count
+        for p in metric.data.data_points
+    }
+    assert found == {
+        ("GET", 503, "503"): 1,
+        ("_OTHER", 404, None): 2,
+        ("GET", 500, "RuntimeError"): 1,
+    }
 
 
 def test_rejections_are_counted_by_reason(
@@ -120,6 +166,6 @@ def test_disabled_sdk_adds_no_instrumentation(
 ) -> None:
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
     app = create_app(settings, model_loader=lambda _s: FakeModel())
-    assert not getattr(app, "_is_instrumented_by_opentelemetry", False)
+    assert HttpServerMetrics not in middleware_of(app)
     with TestClient(app) as client:
         assert client.post("/predict", files=DIGIT).status_code == 200
