@@ -495,12 +495,12 @@ class Bench:
             workers=self.workers,
             env={"OTEL_SDK_DISABLED": "true", "TF_CPP_MIN_LOG_LEVEL": "2"},
             log=self.out / "floor.log",
-        ) as url:
-            wrk.run(url + "/predict", self.digit, connections=2, seconds=2)
+        ) as server:
+            wrk.run(server.url + "/predict", self.digit, connections=2, seconds=2)
             for concurrency in self.plan.floor_concurrency:
                 self.closed(
                     "floor",
-                    url,
+                    server.url,
                     concurrency=concurrency,
                     seconds=self.plan.floor_seconds,
                     replicas=None,

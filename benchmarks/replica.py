@@ -1,13 +1,23 @@
 """One replica against its ceiling: `make bench-replica` (python -m benchmarks.replica).
 
 Starts, on loopback, one replica of the service (gunicorn, WEB_CONCURRENCY workers), the same
-stack with the model removed (the ceiling: multipart parse + PNG decode), and optionally the
-naive `model.predict`-per-request server (the floor). Then loads them in turn with wrk (32
-connections, the 28x28 PNG of an MNIST test digit), alternating A B A B ... so that the noise of
-a shared machine falls on all of them alike, and reports the median of each and the median of
-the per-round ratios. Last, the service's latency at one connection.
+stack with the model removed (the ceiling: multipart parse + PNG decode), optionally the service
+with OpenTelemetry on (exporting to OTEL_EXPORTER_OTLP_ENDPOINT; nothing needs to listen there)
+and the naive `model.predict`-per-request server (the floor). Each is loaded with wrk (32
+connections, the 28x28 PNG of an MNIST test digit), round after round, and compared with the
+service: the median of the per-round ratios of throughput, and of the servers' own CPU time per
+answer (read from /proc: master and workers, every thread).
 
-Writes benchmarks/results/<date-time>-replica/replica.json and prints a table.
+Two ways to share one noisy machine fairly:
+
+* alternated (default): A B A B ..., each alone on the machine for `--seconds`;
+* `--paired`: each comparison's two servers loaded at the same time, each with half the
+  connections, so that whatever slows the machine slows both alike. On a shared machine whose
+  speed drifts by 20 % from minute to minute this is the steadier measurement; it is also what
+  "side by side" means literally.
+
+Last, the service's latency at one connection. Writes
+benchmarks/results/<date-time>-replica/replica.json and prints a table.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import argparse
 import json
 import os
 import statistics
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,21 +34,59 @@ from typing import Any
 
 from benchmarks import wrk
 from benchmarks.bench import payloads
-from benchmarks.servers import REPO, gunicorn
+from benchmarks.servers import REPO, Server, gunicorn
+
+SERVICE = "service"
+
+
+def load(
+    servers: dict[str, Server], payload: wrk.Payload, connections: int, seconds: float
+) -> dict[str, dict[str, Any]]:
+    """Load every server in `servers` at the same time; their results, with CPU per answer."""
+    before = {name: server.cpu_seconds() for name, server in servers.items()}
+    with ThreadPoolExecutor(len(servers)) as pool:
+        futures = {
+            name: pool.submit(
+                wrk.run, server.url + "/predict", payload, connections=connections, seconds=seconds
+            )
+            for name, server in servers.items()
+        }
+        results = {name: future.result() for name, future in futures.items()}
+    measured = {}
+    for name, result in results.items():
+        after, start = servers[name].cpu_seconds(), before[name]
+        cpu_us = (
+            round((after - start) / result.ok * 1e6, 1)
+            if after is not None and start is not None and result.ok
+            else None
+        )
+        measured[name] = {**result.as_dict(), "cpu_us_per_answer": cpu_us}
+    return measured
+
+
+def ratio(a: Any, b: Any) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def median_ratio(values: list[float | None]) -> dict[str, Any] | None:
+    known = [v for v in values if v is not None]
+    if not known:
+        return None
+    return {"median": round(statistics.median(known), 3), "per_round": [round(v, 3) for v in known]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--paired", action="store_true", help="load compared servers together")
     parser.add_argument("--naive", action="store_true", help="also measure the naive server")
     parser.add_argument(
         "--telemetry",
         action="store_true",
-        help="also measure the service with OpenTelemetry on (exporting to OTEL_EXPORTER_OTLP_"
-        "ENDPOINT, default localhost:4318), to price the instrumentation",
+        help="also measure the service with OpenTelemetry on, to price the instrumentation",
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
@@ -46,94 +95,136 @@ def main() -> None:
     # Throughput, not admission, is measured here: no in-flight refusals (wrk's connections are
     # spread unevenly over the workers).
     off = {"OTEL_SDK_DISABLED": "true", "MAX_IN_FLIGHT": "100000"}
-    servers = {
-        "service": ("app.main:app", off),
+    apps = {
+        SERVICE: ("app.main:app", off),
         "no-model": ("benchmarks.baselines.nomodel:app", off),
     }
     if args.telemetry:
-        servers["service+otel"] = (
+        apps["service+otel"] = (
             "app.main:app",
             {**off, "OTEL_SDK_DISABLED": "false", "OTEL_METRIC_EXPORT_INTERVAL": "5000"},
         )
     if args.naive:
-        servers["naive"] = ("benchmarks.baselines.naive:app", off)
+        apps["naive"] = ("benchmarks.baselines.naive:app", off)
     out_dir = args.out / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-replica"
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    runs: dict[str, list[wrk.Result]] = {name: [] for name in servers}
-    single: wrk.Result | None = None
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in apps}
+    # Per comparison (the other server against the service), the per-round ratios.
+    throughput: dict[str, list[float | None]] = {name: [] for name in apps if name != SERVICE}
+    cpu: dict[str, list[float | None]] = {name: [] for name in apps if name != SERVICE}
     with ExitStack() as stack:
-        urls = {
+        servers = {
             name: stack.enter_context(
                 gunicorn(app, 18100 + i, workers=args.workers, env=env, log=out_dir / f"{name}.log")
             )
-            for i, (name, (app, env)) in enumerate(servers.items())
+            for i, (name, (app, env)) in enumerate(apps.items())
         }
-        for url in urls.values():  # warm up every worker
-            wrk.run(url + "/predict", payload, connections=8, seconds=2)
+        for server in servers.values():  # warm up every worker
+            wrk.run(server.url + "/predict", payload, connections=8, seconds=2)
         for round_ in range(args.rounds):
-            for name, url in urls.items():
+            if args.paired:
+                # The service with each other server in turn, both loaded at once.
+                for name in throughput:
+                    pair = {SERVICE: servers[SERVICE], name: servers[name]}
+                    seconds = args.seconds if name != "naive" else min(args.seconds, 5.0)
+                    result = load(pair, payload, max(1, args.connections // 2), seconds)
+                    runs[SERVICE].append(result[SERVICE])
+                    runs[name].append(result[name])
+                    report(round_, args.rounds, name, result[name])
+                    report(round_, args.rounds, SERVICE, result[SERVICE])
+                    throughput[name].append(ratio(result[name]["rps"], result[SERVICE]["rps"]))
+                    cpu[name].append(
+                        ratio(
+                            result[name]["cpu_us_per_answer"],
+                            result[SERVICE]["cpu_us_per_answer"],
+                        )
+                    )
+                continue
+            alone = {}
+            for name, server in servers.items():
                 seconds = args.seconds if name != "naive" else min(args.seconds, 5.0)
-                result = wrk.run(
-                    url + "/predict", payload, connections=args.connections, seconds=seconds
+                alone[name] = load({name: server}, payload, args.connections, seconds)[name]
+                runs[name].append(alone[name])
+                report(round_, args.rounds, name, alone[name])
+            for name in throughput:
+                throughput[name].append(ratio(alone[name]["rps"], alone[SERVICE]["rps"]))
+                cpu[name].append(
+                    ratio(alone[name]["cpu_us_per_answer"], alone[SERVICE]["cpu_us_per_answer"])
                 )
-                runs[name].append(result)
-                print(
-                    f"round {round_ + 1}/{args.rounds} {name:9s} {result.rps:8.1f} req/s  "
-                    f"p50 {result.latency_ms['p50']:7.2f} ms  p99 "
-                    f"{result.latency_ms['p99']:7.2f} ms  errors {result.failed}",
-                    flush=True,
-                )
-        single = wrk.run(urls["service"] + "/predict", payload, connections=1, seconds=5)
+        single = wrk.run(servers[SERVICE].url + "/predict", payload, connections=1, seconds=5)
 
-    ratios = [s.rps / c.rps for s, c in zip(runs["service"], runs["no-model"], strict=True)]
+    def med(name: str, key: str) -> float | None:
+        values = [r[key] for r in runs[name] if r[key] is not None]
+        return round(statistics.median(values), 1) if values else None
+
     summary: dict[str, Any] = {
         "machine": {"cores": os.cpu_count()},
+        "mode": "paired" if args.paired else "alternated",
         "connections": args.connections,
         "workers": args.workers,
         "rounds": args.rounds,
-        "median_rps": {name: statistics.median(r.rps for r in rs) for name, rs in runs.items()},
-        "ratio_service_to_no_model": {
-            "median": round(statistics.median(ratios), 3),
-            "per_round": [round(r, 3) for r in ratios],
-        },
-        "errors": {name: sum(r.failed for r in rs) for name, rs in runs.items()},
-        "ratio_telemetry_on_to_off": None,
-        "one_connection": single.as_dict() if single else None,
-        "runs": {name: [r.as_dict() for r in rs] for name, rs in runs.items()},
+        "median_rps": {name: med(name, "rps") for name in apps},
+        "median_cpu_us_per_answer": {name: med(name, "cpu_us_per_answer") for name in apps},
+        "errors": {name: sum(wrk.Result(**strip(r)).failed for r in runs[name]) for name in apps},
+        # Throughput of the service over the other server's (the issue's figures: service /
+        # no-model, and telemetry on / off = service+otel / service).
+        "ratio_service_to_no_model": median_ratio(
+            [1 / r if r else None for r in throughput["no-model"]]
+        ),
+        "ratio_telemetry_on_to_off": (
+            median_ratio(throughput["service+otel"]) if "service+otel" in throughput else None
+        ),
+        # CPU per answer of the other server over the service's.
+        "cpu_ratio_to_service": {name: median_ratio(values) for name, values in cpu.items()},
+        "one_connection": single.as_dict(),
+        "runs": runs,
     }
-    if "service+otel" in runs:
-        otel = [t.rps / s.rps for t, s in zip(runs["service+otel"], runs["service"], strict=True)]
-        summary["ratio_telemetry_on_to_off"] = {
-            "median": round(statistics.median(otel), 3),
-            "per_round": [round(r, 3) for r in otel],
-        }
     (out_dir / "replica.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     print()
-    print(f"{'server':13s} {'median req/s':>12s} {'errors':>7s}")
-    for name in servers:
-        print(f"{name:13s} {summary['median_rps'][name]:12.1f} {summary['errors'][name]:7d}")
     print(
-        f"service / no-model: median ratio {summary['ratio_service_to_no_model']['median']:.3f}"
-        f" (rounds: {summary['ratio_service_to_no_model']['per_round']})"
+        f"{summary['mode']}, {args.rounds} rounds of {args.seconds:.0f} s, {args.workers} workers"
     )
-    if summary["ratio_telemetry_on_to_off"]:
-        otel_ratio = summary["ratio_telemetry_on_to_off"]
+    print(f"{'server':13s} {'median req/s':>12s} {'CPU us/answer':>14s} {'errors':>7s}")
+    for name in apps:
+        cpu_us = summary["median_cpu_us_per_answer"][name]
         print(
-            f"telemetry on / off: median ratio {otel_ratio['median']:.3f} "
-            f"(rounds: {otel_ratio['per_round']})"
+            f"{name:13s} {summary['median_rps'][name]:12.1f} "
+            f"{cpu_us if cpu_us is not None else '-':>14} {summary['errors'][name]:7d}"
         )
-    if single:
-        print(
-            f"one connection: p50 {single.latency_ms['p50']:.2f} ms, "
-            f"p99 {single.latency_ms['p99']:.2f} ms, {single.rps:.0f} req/s"
-        )
+    for label, key in (
+        ("service / no-model", "ratio_service_to_no_model"),
+        ("telemetry on / off", "ratio_telemetry_on_to_off"),
+    ):
+        if summary[key]:
+            print(
+                f"{label}: median throughput ratio {summary[key]['median']:.3f} "
+                f"(rounds: {summary[key]['per_round']})"
+            )
+    for name, values in summary["cpu_ratio_to_service"].items():
+        if values:
+            print(f"CPU per answer, {name} / service: median {values['median']:.3f}")
     print(
-        f"wrk CPU seconds per run: "
-        f"{statistics.median(r.generator_cpu_seconds for rs in runs.values() for r in rs):.1f}"
+        f"one connection: p50 {single.latency_ms['p50']:.2f} ms, "
+        f"p99 {single.latency_ms['p99']:.2f} ms, {single.rps:.0f} req/s"
     )
     print(f"written: {out_dir / 'replica.json'}")
+
+
+def strip(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != "cpu_us_per_answer"}
+
+
+def report(round_: int, rounds: int, name: str, result: dict[str, Any]) -> None:
+    cpu_us = result["cpu_us_per_answer"]
+    print(
+        f"round {round_ + 1}/{rounds} {name:12s} {result['rps']:8.1f} req/s  "
+        f"p50 {result['latency_ms']['p50']:7.2f} ms  p99 {result['latency_ms']['p99']:7.2f} ms  "
+        f"CPU {cpu_us if cpu_us is not None else '-'} us/answer  "
+        f"errors {wrk.Result(**strip(result)).failed}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

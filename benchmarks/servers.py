@@ -10,6 +10,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,6 +34,31 @@ def wait_ready(
     raise TimeoutError(f"{url} not ready after {timeout:.0f} s: {last}")
 
 
+@dataclass(frozen=True)
+class Server:
+    """A server started by `gunicorn`: its base URL and its master's pid."""
+
+    url: str
+    pid: int
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time used so far by the master and its workers (all threads), or None where
+        there is no /proc to read it from."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0
+        found = False
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the process ended meanwhile
+                continue
+            # Fields after the command: state, ppid, ..., utime (12th), stime (13th).
+            if int(stat.parent.name) == self.pid or int(fields[1]) == self.pid:
+                total += int(fields[11]) + int(fields[12])
+                found = True
+        return total / ticks if found else None
+
+
 @contextmanager
 def gunicorn(
     app: str,
@@ -41,8 +67,8 @@ def gunicorn(
     workers: int = 2,
     env: dict[str, str] | None = None,
     log: Path | None = None,
-) -> Iterator[str]:
-    """Run `app` under the service's gunicorn config; yields its base URL once ready."""
+) -> Iterator[Server]:
+    """Run `app` under the service's gunicorn config; yields it once ready."""
     environment = {
         **os.environ,
         "BIND": f"127.0.0.1:{port}",
@@ -62,7 +88,7 @@ def gunicorn(
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(base + "/readyz", process=process)
-        yield base
+        yield Server(base, process.pid)
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:
