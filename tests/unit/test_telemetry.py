@@ -126,10 +126,11 @@ def test_http_errors_and_odd_methods_are_labelled_per_the_conventions(
         await send({"type": "http.response.start", "status": status, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    client = TestClient(HttpServerMetrics(app, histogram), raise_server_exceptions=False)
+    middleware = HttpServerMetrics(app, histogram)
+    client = TestClient(middleware, raise_server_exceptions=False)
     client.get("/busy")
-    client.request("BREW", "/nowhere")
-    client.request("BREW", "/elsewhere")
+    for n in range(2):
+        client.request(f"BREW{n}", "/nowhere")
     client.get("/boom")
     client.get("/healthz")  # excluded
     (metric,) = [m for m, _ in collect(reader).values()]
@@ -146,6 +147,7 @@ def test_http_errors_and_odd_methods_are_labelled_per_the_conventions(
         ("_OTHER", 404, None): 2,
         ("GET", 500, "RuntimeError"): 1,
     }
+    assert len(middleware._attributes) == 3  # the two made-up methods share one entry
 
 
 def test_rejections_are_counted_by_reason(
