@@ -12,6 +12,9 @@ def _rows(summary: dict[str, Any]) -> list[list[str]]:
         latency = r.get("answered_latency_ms") or r["latency_ms"]
         cpu = r.get("cpu_seconds") or {}
         api_cpu = sum(s for name, s in cpu.items() if "-api-" in name)
+        # Per answer, not per request sent: a refusal costs the replicas next to nothing, so
+        # dividing by requests sent would make a run that refuses more look cheaper.
+        answered = sum(n for status, n in r["statuses"].items() if status.startswith("2"))
         rows.append(
             [
                 r["scenario"],
@@ -24,7 +27,7 @@ def _rows(summary: dict[str, Any]) -> list[list[str]]:
                 f"{r['throughput']:.0f}",
                 *(f"{latency.get(p, float('nan')):.1f}" for p in ("p50", "p90", "p99", "p99.9")),
                 f"{latency.get('max', float('nan')):.0f}",
-                f"{1000 * api_cpu / r['requests']:.2f}" if api_cpu and r["requests"] else "-",
+                f"{1000 * api_cpu / answered:.2f}" if api_cpu and answered else "-",
                 f"{r['generator_cpu_seconds']:.1f}",
             ]
         )
@@ -45,7 +48,7 @@ HEADER = [
     "p99 ms",
     "p99.9 ms",
     "max ms",
-    "API CPU ms/req",
+    "API CPU ms/answer",
     "generator CPU s",
 ]
 
