@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -171,3 +175,44 @@ def test_disabled_sdk_adds_no_instrumentation(
     assert HttpServerMetrics not in middleware_of(app)
     with TestClient(app) as client:
         assert client.post("/predict", files=DIGIT).status_code == 200
+
+
+NATIVE_CHECK = """
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from fastapi.testclient import TestClient
+import app.main
+from app.config import Settings
+from app.telemetry import build_provider
+from tests.conftest import FakeModel, digit_image, png_bytes
+
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(build_provider("test-1", [reader]))
+app.main.start_provider = lambda version: None  # the global provider above stands in for it
+application = app.main.create_app(Settings(), model_loader=lambda _s: FakeModel())
+with TestClient(application) as client:
+    upload = {"file": ("d.png", png_bytes(digit_image()), "image/png")}
+    assert client.post("/predict", files=upload).status_code == 200
+for resource_metrics in reader.get_metrics_data().resource_metrics:
+    for scope in resource_metrics.scope_metrics:
+        for metric in scope.metrics:
+            if metric.name.startswith("http."):
+                print(scope.scope.name, metric.name)
+"""
+
+
+def test_fastapi_native_metrics_stay_off() -> None:
+    """FastAPI >= 0.16x records HTTP metrics of its own once a global MeterProvider exists
+    (as in every worker): they must stay off, or http.server.request.duration is recorded
+    twice. In a child process: a global provider cannot be unset."""
+    result = subprocess.run(
+        [sys.executable, "-c", NATIVE_CHECK],
+        env={**os.environ, "OTEL_SDK_DISABLED": "false"},
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:-1] == ["mnist http.server.request.duration"]
