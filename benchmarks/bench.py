@@ -141,7 +141,7 @@ def machine(env: dict[str, str]) -> dict[str, Any]:
         "python": platform.python_version(),
     }
     try:
-        version = engine_get(env.get("DOCKER_HOST", "unix:///var/run/docker.sock"), "/version")
+        version = engine_get(env, "/version")
         components = [c.get("Name", "") for c in version.get("Components", [])]
         info["engine"] = f"{', '.join(components) or 'Docker Engine'} {version.get('Version')}"
     except (OSError, ValueError):

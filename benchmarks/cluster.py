@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -74,8 +74,10 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock.connect(self._path)
 
 
-def engine_get(docker_host: str, path: str, timeout: float = 10.0) -> Any:
-    """GET a Docker Engine API path (unix:// or tcp:// DOCKER_HOST); the decoded JSON."""
+def engine_get(env: Mapping[str, str], path: str, timeout: float = 10.0) -> Any:
+    """GET a Docker Engine API path from the engine `env` points at (its DOCKER_HOST, unix://
+    or tcp://; Docker's default socket without one); the decoded JSON."""
+    docker_host = env.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
     url = urllib.parse.urlsplit(docker_host)
     connection: http.client.HTTPConnection
     if url.scheme == "unix":
@@ -149,22 +151,21 @@ class Cluster:
     def container_env(self, service: str) -> dict[str, str]:
         """The environment of a running container of `service`."""
         container = self.compose("ps", "-q", service).split()[0]
-        info = engine_get(self.env["DOCKER_HOST"], f"/containers/{container}/json")
+        info = engine_get(self.env, f"/containers/{container}/json")
         return dict(item.partition("=")[::2] for item in info["Config"]["Env"])
 
     def cpu_seconds(self) -> dict[str, float] | None:
         """CPU time (user + system) so far of each running container of the project, by
         name, from the engine's stats; None where the engine does not report it."""
-        docker_host = self.env.get("DOCKER_HOST", "unix:///var/run/docker.sock")
         label = json.dumps({"label": [f"com.docker.compose.project={self.project}"]})
         try:
             containers = engine_get(
-                docker_host, "/containers/json?filters=" + urllib.parse.quote(label)
+                self.env, "/containers/json?filters=" + urllib.parse.quote(label)
             )
             usage = {}
             for container in containers:
                 stats = engine_get(
-                    docker_host, f"/containers/{container['Id']}/stats?stream=false&one-shot=true"
+                    self.env, f"/containers/{container['Id']}/stats?stream=false&one-shot=true"
                 )
                 total = stats.get("cpu_stats", {}).get("cpu_usage", {}).get("total_usage")
                 if total:
