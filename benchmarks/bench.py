@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import sys
 import time
@@ -147,13 +146,6 @@ def machine(env: dict[str, str]) -> dict[str, Any]:
     except (OSError, ValueError):
         info["engine"] = None
     return info
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def served_by(host: str, port: int, requests: int, payload: wrk.Payload) -> set[str]:
@@ -491,7 +483,6 @@ class Bench:
         self.say("starting the floor (the naive model.predict server, on the host)")
         with gunicorn(
             "benchmarks.baselines.naive:app",
-            free_port(),
             workers=self.workers,
             env={"OTEL_SDK_DISABLED": "true", "TF_CPP_MIN_LOG_LEVEL": "2"},
             log=self.out / "floor.log",

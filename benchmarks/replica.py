@@ -116,9 +116,9 @@ def main() -> None:
     with ExitStack() as stack:
         servers = {
             name: stack.enter_context(
-                gunicorn(app, 18100 + i, workers=args.workers, env=env, log=out_dir / f"{name}.log")
+                gunicorn(app, workers=args.workers, env=env, log=out_dir / f"{name}.log")
             )
-            for i, (name, (app, env)) in enumerate(apps.items())
+            for name, (app, env) in apps.items()
         }
         for server in servers.values():  # warm up every worker
             wrk.run(server.url + "/predict", payload, connections=8, seconds=2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,12 +35,24 @@ def wait_ready(
     raise TimeoutError(f"{url} not ready after {timeout:.0f} s: {last}")
 
 
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 @dataclass(frozen=True)
 class Server:
-    """A server started by `gunicorn`: its base URL and its master's pid."""
+    """A server started by `gunicorn`: its loopback port and its master's pid."""
 
-    url: str
+    port: int
     pid: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def cpu_seconds(self) -> float | None:
         """CPU time used so far by the master and its workers (all threads), or None where
@@ -62,13 +75,15 @@ class Server:
 @contextmanager
 def gunicorn(
     app: str,
-    port: int,
+    port: int | None = None,
     *,
     workers: int = 2,
     env: dict[str, str] | None = None,
     log: Path | None = None,
 ) -> Iterator[Server]:
-    """Run `app` under the service's gunicorn config; yields it once ready."""
+    """Run `app` under the service's gunicorn config (on `port`, or a free one); yields it
+    once ready."""
+    port = port or free_port()
     environment = {
         **os.environ,
         "BIND": f"127.0.0.1:{port}",
@@ -85,10 +100,10 @@ def gunicorn(
         stderr=output,
         start_new_session=True,
     )
-    base = f"http://127.0.0.1:{port}"
+    server = Server(port, process.pid)
     try:
-        wait_ready(base + "/readyz", process=process)
-        yield Server(base, process.pid)
+        wait_ready(server.url + "/readyz", process=process)
+        yield server
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         try:

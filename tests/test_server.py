@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -14,18 +13,10 @@ from tests.conftest import digit_image, png_bytes
 from tests.integration.conftest import multipart
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def server() -> Iterator[int]:
-    port = free_port()
-    with gunicorn("app.main:app", port, workers=1, env={"OTEL_SDK_DISABLED": "true"}):
-        yield port
+    with gunicorn("app.main:app", workers=1, env={"OTEL_SDK_DISABLED": "true"}) as started:
+        yield started.port
 
 
 def test_keep_alive_and_close_both_deliver_whole_responses(server: int) -> None:
