@@ -71,12 +71,12 @@ def test_accuracy_on_realistic_uploads(
     assert min(report.values()) >= 0.93, report
 
 
-def test_padded_batches_give_the_same_answers(
+def test_batches_split_over_the_buckets_give_the_same_answers(
     model: LiteRTModel, mnist: tuple[np.ndarray, np.ndarray]
 ) -> None:
     digits = np.stack([normalize_digit(img).pixels for img in mnist[0][:70]])[..., None]
     one_by_one = np.concatenate([model.predict(digits[i : i + 1]) for i in range(70)])
-    for size in (3, 5, 17, 32, 70):  # padded to a bucket, and split over several calls
+    for size in (3, 5, 17, 32, 70):  # 2+1, 4+1, 16+1, 32, 32+32+4+2
         together = model.predict(digits[:size])
         assert together.shape == (size, 10)
         np.testing.assert_allclose(together, one_by_one[:size], atol=1e-5)

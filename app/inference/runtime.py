@@ -70,8 +70,11 @@ def _read_metrics(model_dir: Path) -> dict[str, Any]:
 class LiteRTModel:
     """A LiteRT interpreter per batch-size bucket (1, 2, 4, ... max), each allocated once.
 
-    Resizing an interpreter's input re-plans its memory; buckets avoid that on every call at
-    the price of padding a batch up to the next power of two.
+    Resizing an interpreter's input re-plans its memory, so batches run on these fixed sizes.
+    A batch is split over them (13 = 8 + 4 + 1) rather than padded up to the next one: this
+    model costs LiteRT the same per image at every batch size (57-65 us, measured from 1 to
+    32), so each padded row would be paid in full (a batch of 9 padded to 16 took 1.03 ms,
+    8 + 1 take 0.52 ms).
     """
 
     def __init__(self, path: Path, info: ModelInfo, max_batch: int) -> None:
@@ -101,20 +104,17 @@ class LiteRTModel:
             size = min(size * 2, max_batch)
 
     def predict(self, batch: Batch) -> Batch:
-        n = len(batch)
         results = []
-        for start in range(0, n, self._buckets[-1][0]):
-            chunk = batch[start : start + self._buckets[-1][0]]
+        start, n = 0, len(batch)
+        while start < n:
+            # The largest bucket that the rest fills; the 1-bucket ends any remainder.
             size, interpreter, index_in, index_out = next(
-                b for b in self._buckets if b[0] >= len(chunk)
+                b for b in reversed(self._buckets) if b[0] <= n - start
             )
-            if size != len(chunk):
-                padded = np.zeros((size, *INPUT_SHAPE), np.float32)
-                padded[: len(chunk)] = chunk
-                chunk = padded
-            interpreter.set_tensor(index_in, chunk)
+            interpreter.set_tensor(index_in, batch[start : start + size])
             interpreter.invoke()
-            results.append(interpreter.get_tensor(index_out)[: min(size, n - start)])
+            results.append(interpreter.get_tensor(index_out))
+            start += size
         return np.concatenate(results) if len(results) > 1 else results[0]
 
 
