@@ -2,7 +2,8 @@
 
 Starts, on loopback, one replica of the service (gunicorn, WEB_CONCURRENCY workers), the same
 stack with the model removed (the ceiling: multipart parse + PNG decode), optionally the service
-with OpenTelemetry on (exporting to OTEL_EXPORTER_OTLP_ENDPOINT; nothing needs to listen there)
+with OpenTelemetry on (exporting to OTEL_EXPORTER_OTLP_ENDPOINT; nothing needs to listen there),
+the service without its preprocessing (`--breakdown`: what batching and inference cost alone)
 and the naive `model.predict`-per-request server (the floor). Each is loaded with wrk (32
 connections, the 28x28 PNG of an MNIST test digit), round after round, and compared with the
 service: the median of the per-round ratios of throughput, and of the servers' own CPU time per
@@ -37,6 +38,7 @@ from benchmarks.bench import payloads
 from benchmarks.servers import REPO, Server, gunicorn
 
 SERVICE = "service"
+MODEL_ONLY = "model-only"
 
 
 def load(
@@ -88,6 +90,12 @@ def main() -> None:
         action="store_true",
         help="also measure the service with OpenTelemetry on, to price the instrumentation",
     )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also measure the service without its preprocessing, to split its cost beyond the "
+        "ceiling into model (batching, inference, answer) and preprocessing",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
 
@@ -104,6 +112,8 @@ def main() -> None:
             "app.main:app",
             {**off, "OTEL_SDK_DISABLED": "false", "OTEL_METRIC_EXPORT_INTERVAL": "5000"},
         )
+    if args.breakdown:
+        apps[MODEL_ONLY] = ("benchmarks.baselines.modelonly:app", off)
     if args.naive:
         apps["naive"] = ("benchmarks.baselines.naive:app", off)
     out_dir = args.out / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-replica"
@@ -177,6 +187,9 @@ def main() -> None:
         ),
         # CPU per answer of the other server over the service's.
         "cpu_ratio_to_service": {name: median_ratio(values) for name, values in cpu.items()},
+        "breakdown_cpu_us_per_answer": breakdown(
+            {name: med(name, "cpu_us_per_answer") for name in apps}
+        ),
         "one_connection": single.as_dict(),
         "runs": runs,
     }
@@ -205,11 +218,31 @@ def main() -> None:
     for name, values in summary["cpu_ratio_to_service"].items():
         if values:
             print(f"CPU per answer, {name} / service: median {values['median']:.3f}")
+    if summary["breakdown_cpu_us_per_answer"]:
+        parts = summary["breakdown_cpu_us_per_answer"]
+        print(
+            "CPU per answer, medians: "
+            + ", ".join(f"{part} {value:.0f} us" for part, value in parts.items())
+        )
     print(
         f"one connection: p50 {single.latency_ms['p50']:.2f} ms, "
         f"p99 {single.latency_ms['p99']:.2f} ms, {single.rps:.0f} req/s"
     )
     print(f"written: {out_dir / 'replica.json'}")
+
+
+def breakdown(cpu_us: dict[str, float | None]) -> dict[str, float] | None:
+    """The service's CPU per answer in three parts: the ceiling's stack, the model beyond it
+    (batching, inference, the answer) and the preprocessing beyond that. Medians of the runs,
+    so the parts add up only roughly."""
+    stack, model_only, service = (cpu_us.get(k) for k in ("no-model", MODEL_ONLY, SERVICE))
+    if stack is None or model_only is None or service is None:
+        return None
+    return {
+        "stack": stack,
+        "model": round(model_only - stack, 1),
+        "preprocessing": round(service - model_only, 1),
+    }
 
 
 def report(round_: int, rounds: int, name: str, result: dict[str, Any]) -> None:
