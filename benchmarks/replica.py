@@ -3,7 +3,8 @@
 Starts, on loopback, one replica of the service (gunicorn, WEB_CONCURRENCY workers), the same
 stack with the model removed (the ceiling: multipart parse + PNG decode), optionally the service
 with OpenTelemetry on (exporting to OTEL_EXPORTER_OTLP_ENDPOINT; nothing needs to listen there),
-the service without its preprocessing (`--breakdown`: what batching and inference cost alone)
+the service without its preprocessing and without its model too (`--breakdown`: what batching
+and inference cost alone)
 and the naive `model.predict`-per-request server (the floor). Each is loaded with wrk (32
 connections, the 28x28 PNG of an MNIST test digit), round after round, and compared with the
 service: the median of the per-round ratios of throughput, and of the servers' own CPU time per
@@ -39,6 +40,7 @@ from benchmarks.servers import REPO, Server, gunicorn
 
 SERVICE = "service"
 MODEL_ONLY = "model-only"
+BATCHING_ONLY = "batching-only"
 
 
 def load(
@@ -93,8 +95,8 @@ def main() -> None:
     parser.add_argument(
         "--breakdown",
         action="store_true",
-        help="also measure the service without its preprocessing, to split its cost beyond the "
-        "ceiling into model (batching, inference, answer) and preprocessing",
+        help="also measure the service without its preprocessing, with and without its model, "
+        "to split its cost beyond the ceiling into batching, inference and preprocessing",
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
@@ -113,6 +115,7 @@ def main() -> None:
             {**off, "OTEL_SDK_DISABLED": "false", "OTEL_METRIC_EXPORT_INTERVAL": "5000"},
         )
     if args.breakdown:
+        apps[BATCHING_ONLY] = ("benchmarks.baselines.modelonly:batching_app", off)
         apps[MODEL_ONLY] = ("benchmarks.baselines.modelonly:app", off)
     if args.naive:
         apps["naive"] = ("benchmarks.baselines.naive:app", off)
@@ -185,6 +188,21 @@ def main() -> None:
         "ratio_telemetry_on_to_off": (
             median_ratio(throughput["service+otel"]) if "service+otel" in throughput else None
         ),
+        # Throughput of the service's parts over the ceiling's: what the service could reach
+        # with free preprocessing (model-only), and with a free model too (batching-only).
+        # Alternated rounds only: paired ones load each with the service, not the ceiling.
+        "ratio_to_no_model": {}
+        if args.paired
+        else {
+            name: median_ratio(
+                [
+                    a / b if a is not None and b else None
+                    for a, b in zip(throughput[name], throughput["no-model"], strict=True)
+                ]
+            )
+            for name in (BATCHING_ONLY, MODEL_ONLY)
+            if name in throughput
+        },
         # CPU per answer of the other server over the service's.
         "cpu_ratio_to_service": {name: median_ratio(values) for name, values in cpu.items()},
         "breakdown_cpu_us_per_answer": breakdown(
@@ -215,6 +233,12 @@ def main() -> None:
                 f"{label}: median throughput ratio {summary[key]['median']:.3f} "
                 f"(rounds: {summary[key]['per_round']})"
             )
+    for name, values in summary["ratio_to_no_model"].items():
+        if values:
+            print(
+                f"{name} / no-model: median throughput ratio {values['median']:.3f} "
+                f"(rounds: {values['per_round']})"
+            )
     for name, values in summary["cpu_ratio_to_service"].items():
         if values:
             print(f"CPU per answer, {name} / service: median {values['median']:.3f}")
@@ -232,16 +256,21 @@ def main() -> None:
 
 
 def breakdown(cpu_us: dict[str, float | None]) -> dict[str, float] | None:
-    """The service's CPU per answer in three parts: the ceiling's stack, the model beyond it
-    (batching, inference, the answer) and the preprocessing beyond that. Medians of the runs,
-    so the parts add up only roughly."""
-    stack, model_only, service = (cpu_us.get(k) for k in ("no-model", MODEL_ONLY, SERVICE))
-    if stack is None or model_only is None or service is None:
+    """The service's CPU per answer in parts: the ceiling's stack; batching (the queue, the
+    inference thread's hand-offs, the answer) beyond it; inference beyond that; preprocessing
+    beyond that. From the medians of the runs, so the parts add up only roughly; and they
+    interact: a model that takes longer lets more requests queue meanwhile, so its batches are
+    larger and each pays less of the hand-offs."""
+    stack, batching, model, service = (
+        cpu_us.get(name) for name in ("no-model", BATCHING_ONLY, MODEL_ONLY, SERVICE)
+    )
+    if stack is None or batching is None or model is None or service is None:
         return None
     return {
         "stack": stack,
-        "model": round(model_only - stack, 1),
-        "preprocessing": round(service - model_only, 1),
+        "batching": round(batching - stack, 1),
+        "inference": round(model - batching, 1),
+        "preprocessing": round(service - model, 1),
     }
 
 
