@@ -3,12 +3,11 @@
 Starts, on loopback, one replica of the service (gunicorn, WEB_CONCURRENCY workers), the same
 stack with the model removed (the ceiling: multipart parse + PNG decode), optionally the service
 with OpenTelemetry on (exporting to OTEL_EXPORTER_OTLP_ENDPOINT; nothing needs to listen there),
-the service without its preprocessing and without its model too (`--breakdown`: what batching
-and inference cost alone)
-and the naive `model.predict`-per-request server (the floor). Each is loaded with wrk (32
-connections, the 28x28 PNG of an MNIST test digit), round after round, and compared with the
-service: the median of the per-round ratios of throughput, and of the servers' own CPU time per
-answer (read from /proc: master and workers, every thread).
+the service without its preprocessing, with its model and with one that computes nothing
+(`--breakdown`), and the naive `model.predict`-per-request server (the floor). Each is loaded
+with wrk (32 connections, the 28x28 PNG of an MNIST test digit), round after round, and
+compared with the service: the median of the per-round ratios of throughput, and of the
+servers' own CPU time per answer (read from /proc: master and workers, every thread).
 
 Two ways to share one noisy machine fairly:
 
@@ -258,9 +257,9 @@ def main() -> None:
 def breakdown(cpu_us: dict[str, float | None]) -> dict[str, float] | None:
     """The service's CPU per answer in parts: the ceiling's stack; batching (the queue, the
     inference thread's hand-offs, the answer) beyond it; inference beyond that; preprocessing
-    beyond that. From the medians of the runs, so the parts add up only roughly; and they
-    interact: a model that takes longer lets more requests queue meanwhile, so its batches are
-    larger and each pays less of the hand-offs."""
+    beyond that. Differences of the servers' median CPU per answer, so each part carries the
+    noise of two medians. The parts interact: a model that takes longer lets more requests
+    queue meanwhile, so its batches are larger and each answer pays less of the hand-offs."""
     stack, batching, model, service = (
         cpu_us.get(name) for name in ("no-model", BATCHING_ONLY, MODEL_ONLY, SERVICE)
     )
