@@ -41,24 +41,17 @@ def settled_total(stack: Stack) -> float:
 def test_every_worker_of_every_replica_reports(stack: Stack) -> None:
     for _ in range(60):  # touch every worker
         predict(stack)
-    hosts = wait_for(
-        lambda: (
-            found
-            if len(
-                found := {
-                    r["metric"]["host_name"]
-                    for r in stack.prometheus('mnist_queue_depth{job="mnist-api"}')
-                }
-            )
-            == REPLICAS
-            else None
-        ),
-        timeout=60,
-        what=f"series from {REPLICAS} replicas",
+
+    def series() -> tuple[set[str], set[str]] | None:
+        found = stack.prometheus('mnist_queue_depth{job="mnist-api"}')
+        hosts = {r["metric"]["host_name"] for r in found}
+        workers = {r["metric"]["instance"] for r in found}
+        # Each worker's first export lands on its own schedule (every 5 s): wait for all.
+        return (hosts, workers) if len(workers) >= 2 * REPLICAS else None
+
+    hosts, workers = wait_for(
+        series, timeout=60, what=f"series from {2 * REPLICAS} workers of {REPLICAS} replicas"
     )
-    workers = {
-        r["metric"]["instance"] for r in stack.prometheus('mnist_queue_depth{job="mnist-api"}')
-    }
     assert len(hosts) == REPLICAS
     assert len(workers) == 2 * REPLICAS  # API_WORKERS=2 in this stack: one series per worker
     assert all(re.fullmatch(r".+-\d+", w) for w in workers)  # <hostname>-<pid>
