@@ -121,6 +121,10 @@ def main() -> None:
     out_dir = args.out / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-replica"
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    def seconds(name: str) -> float:
+        # The naive server answers ~30 req/s: a few seconds of it say all there is.
+        return float(args.seconds if name != "naive" else min(args.seconds, 5.0))
+
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in apps}
     # Per comparison (the other server against the service), the per-round ratios.
     throughput: dict[str, list[float | None]] = {name: [] for name in apps if name != SERVICE}
@@ -139,8 +143,7 @@ def main() -> None:
                 # The service with each other server in turn, both loaded at once.
                 for name in throughput:
                     pair = {SERVICE: servers[SERVICE], name: servers[name]}
-                    seconds = args.seconds if name != "naive" else min(args.seconds, 5.0)
-                    result = load(pair, payload, max(1, args.connections // 2), seconds)
+                    result = load(pair, payload, max(1, args.connections // 2), seconds(name))
                     runs[SERVICE].append(result[SERVICE])
                     runs[name].append(result[name])
                     report(round_, args.rounds, name, result[name])
@@ -155,8 +158,7 @@ def main() -> None:
                 continue
             alone = {}
             for name, server in servers.items():
-                seconds = args.seconds if name != "naive" else min(args.seconds, 5.0)
-                alone[name] = load({name: server}, payload, args.connections, seconds)[name]
+                alone[name] = load({name: server}, payload, args.connections, seconds(name))[name]
                 runs[name].append(alone[name])
                 report(round_, args.rounds, name, alone[name])
             for name in throughput:
@@ -170,6 +172,7 @@ def main() -> None:
         values = [r[key] for r in runs[name] if r[key] is not None]
         return round(statistics.median(values), 1) if values else None
 
+    cpu_medians = {name: med(name, "cpu_us_per_answer") for name in apps}
     summary: dict[str, Any] = {
         "machine": {"cores": os.cpu_count()},
         "mode": "paired" if args.paired else "alternated",
@@ -177,7 +180,7 @@ def main() -> None:
         "workers": args.workers,
         "rounds": args.rounds,
         "median_rps": {name: med(name, "rps") for name in apps},
-        "median_cpu_us_per_answer": {name: med(name, "cpu_us_per_answer") for name in apps},
+        "median_cpu_us_per_answer": cpu_medians,
         "errors": {name: sum(r["failed"] for r in runs[name]) for name in apps},
         # Throughput of the service over the other server's (the figures: service /
         # no-model, and telemetry on / off = service+otel / service).
@@ -195,8 +198,8 @@ def main() -> None:
         else {
             name: median_ratio(
                 [
-                    a / b if a is not None and b else None
-                    for a, b in zip(throughput[name], throughput["no-model"], strict=True)
+                    ratio(part["rps"], ceiling["rps"])
+                    for part, ceiling in zip(runs[name], runs["no-model"], strict=True)
                 ]
             )
             for name in (BATCHING_ONLY, MODEL_ONLY)
@@ -204,9 +207,7 @@ def main() -> None:
         },
         # CPU per answer of the other server over the service's.
         "cpu_ratio_to_service": {name: median_ratio(values) for name, values in cpu.items()},
-        "breakdown_cpu_us_per_answer": breakdown(
-            {name: med(name, "cpu_us_per_answer") for name in apps}
-        ),
+        "breakdown_cpu_us_per_answer": breakdown(cpu_medians),
         "one_connection": single.as_dict(),
         "runs": runs,
     }
