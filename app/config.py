@@ -54,11 +54,27 @@ class Settings(BaseSettings):
     queue_max_size: int = Field(
         default=256, ge=1, description="Images waiting for inference per worker; beyond, 503."
     )
-    max_in_flight: int = Field(
+    # --- admission (app/admission.py) ----------------------------------------------------
+    latency_budget_ms: float = Field(
+        default=500.0,
+        gt=0.0,
+        le=60_000.0,
+        description="A prediction request that could not be answered within this long from "
+        "the moment the edge forwarded it is refused with 503 and Retry-After, before its "
+        "body is read; every other request is queued and served.",
+    )
+    max_concurrency: int = Field(
         default=16,
         ge=1,
-        description="Prediction requests one worker holds at once; beyond, 503 with "
-        "Retry-After before the body is read, so that under overload the wait stays bounded.",
+        le=4096,
+        description="Prediction requests one worker serves at once; the others wait for a "
+        "place, in arrival order, without using the CPU.",
+    )
+    max_queued: int = Field(
+        default=1024,
+        ge=0,
+        description="Requests one worker lets wait for a place; beyond, 503 at once. A bound "
+        "on memory, far above what the latency budget lets wait.",
     )
     preprocess_threads: int = Field(default=2, ge=1, le=64)
     inline_preprocess_max_pixels: int = Field(

@@ -14,12 +14,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from opentelemetry.metrics import MeterProvider
 
+from app.admission import Admission, AdmissionMiddleware
 from app.api import errors
-from app.api.middleware import (
-    BodySizeLimitMiddleware,
-    InFlightLimitMiddleware,
-    ServedByMiddleware,
-)
+from app.api.middleware import BodySizeLimitMiddleware, ServedByMiddleware
 from app.api.routes import health, predict
 from app.classifier import Classifier
 from app.config import Settings, get_settings
@@ -78,15 +75,22 @@ def create_app(
     app.include_router(predict.router)
     app.include_router(health.router)
     errors.install(app)
-    # Added in this order, each outside the last: the in-flight limit refuses first (cheapest),
-    # then an oversized body is refused before anything reads it.
+    # Added in this order, each outside the last: admission decides first (before anything
+    # reads the body), then an oversized body is refused before anything reads it.
     app.add_middleware(ServedByMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    # Outermost but for the metrics: under overload a refusal must cost as little as possible.
+    admission = Admission(
+        budget=settings.latency_budget_ms / 1000.0,
+        max_concurrency=settings.max_concurrency,
+        max_queued=settings.max_queued,
+    )
+    app.state.admission = admission
+    metrics.watch_admission(admission)
     app.add_middleware(
-        InFlightLimitMiddleware,
-        limit=settings.max_in_flight,
-        on_reject=lambda: metrics.record_rejection("overloaded"),
+        AdmissionMiddleware,
+        admission=admission,
+        on_admit=metrics.record_admission,
+        on_refuse=metrics.record_rejection,
     )
     if not telemetry_off:
         # Outermost: every answer is timed and counted, refusals included.

@@ -17,10 +17,17 @@ Instruments (Prometheus names, after the collector's translation, in brackets):
 * mnist.prediction.confidence: confidence of each prediction [mnist_prediction_confidence]
 * mnist.preprocess.duration, s: decoding and normalising one upload
 * mnist.inference.duration, s: one batch through the model
+* mnist.edge.wait, s: from nginx forwarding a prediction request (its X-Request-Start stamp) to
+  the worker taking it up
+* mnist.admission.wait, s: how long a prediction request waited for a place in its worker
+* mnist.admission.requests: prediction requests being served and waiting, per worker (a gauge,
+  by mnist.state)
 * mnist.queue.wait, s: from enqueue to the start of the request's batch
 * mnist.batch.size: images per inference call
 * mnist.queue.depth: images waiting for inference in this worker (a gauge)
-* mnist.rejected: requests refused, by reason (a bad input's kind, overloaded, not_ready)
+* mnist.rejected: requests refused, by reason: budget (could not be answered within the latency
+  budget), queue_full (the admission queue's safety bound), inference_queue_full, not_ready,
+  or a bad input's kind
 """
 
 from __future__ import annotations
@@ -30,13 +37,16 @@ import os
 import socket
 from collections.abc import Callable, Iterable
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Histogram, Observation
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.inference.batcher import BatchRecord
+
+if TYPE_CHECKING:
+    from app.admission import Admission
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +68,10 @@ LATENCY_BUCKETS = (
     0.075,
     0.1,
     0.25,
+    0.3,
+    0.4,
     0.5,
+    0.75,
     1.0,
     2.5,
     5.0,
@@ -142,6 +155,25 @@ class Metrics:
             description="From a request's enqueue to the start of its batch.",
             explicit_bucket_boundaries_advisory=list(FAST_BUCKETS),
         )
+        self.edge_wait = meter.create_histogram(
+            "mnist.edge.wait",
+            unit="s",
+            description="From the edge forwarding a prediction request to its worker taking it up.",
+            explicit_bucket_boundaries_advisory=list(FAST_BUCKETS),
+        )
+        self.admission_wait = meter.create_histogram(
+            "mnist.admission.wait",
+            unit="s",
+            description="How long a prediction request waited for a place in its worker.",
+            explicit_bucket_boundaries_advisory=list(LATENCY_BUCKETS),
+        )
+        self._admissions: list[Admission] = []
+        meter.create_observable_gauge(
+            "mnist.admission.requests",
+            callbacks=[self._observe_admission],
+            unit="{request}",
+            description="Prediction requests being served (active) and waiting for a place.",
+        )
         self.batch_size = meter.create_histogram(
             "mnist.batch.size",
             unit="{image}",
@@ -161,6 +193,21 @@ class Metrics:
 
     def watch_queue(self, depth: Callable[[], int]) -> None:
         self._depth_sources.append(depth)
+
+    def watch_admission(self, admission: Admission) -> None:
+        self._admissions.append(admission)
+
+    def _observe_admission(self, options: CallbackOptions) -> Iterable[Observation]:
+        found = []
+        for admission in self._admissions:
+            found.append(Observation(admission.active, {"mnist.state": "active"}))
+            found.append(Observation(admission.waiting, {"mnist.state": "waiting"}))
+        return found
+
+    def record_admission(self, edge_wait: float | None, admission_wait: float) -> None:
+        if edge_wait is not None:
+            self.edge_wait.record(edge_wait)
+        self.admission_wait.record(admission_wait)
 
     def _observe_depth(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(source()) for source in self._depth_sources]

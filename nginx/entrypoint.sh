@@ -19,15 +19,27 @@ number() {  # number NAME DEFAULT: the variable's value if it is a positive inte
   esac
   echo "$value"
 }
-rate=$(number RATE_LIMIT_RPS 1000)
-burst=$(number RATE_LIMIT_BURST 2000)
 body=$(number MAX_UPLOAD_BYTES 4194304)
-max_conns=$(number API_MAX_CONNS 16)
+max_conns=$(number API_MAX_CONNS 1024)
 upstream=${API_UPSTREAM:-api:8000}
 
+# The per-client rate limit only when RATE_LIMIT_RPS is set (burst: RATE_LIMIT_BURST, else
+# as many as a second's worth).
+if [ -n "$(printenv RATE_LIMIT_RPS || true)" ]; then
+  rate=$(number RATE_LIMIT_RPS 1)
+  burst=$(number RATE_LIMIT_BURST "$rate")
+  rate_zone="limit_req_zone \$binary_remote_addr zone=per_client:10m rate=${rate}r/s;"
+  rate_limit="limit_req zone=per_client burst=${burst} nodelay;"
+  rate_said="rate limit ${rate} r/s per client (burst $burst)"
+else
+  rate_zone="# no per-client rate limit (RATE_LIMIT_RPS is not set)"
+  rate_limit="# no per-client rate limit"
+  rate_said="no per-client rate limit"
+fi
+
 sed -e "s|@RESOLVER@|$resolver|g" \
-    -e "s|@RATE_LIMIT_RPS@|$rate|g" \
-    -e "s|@RATE_LIMIT_BURST@|$burst|g" \
+    -e "s|@RATE_LIMIT_ZONE@|$rate_zone|g" \
+    -e "s|@RATE_LIMIT@|$rate_limit|g" \
     -e "s|@MAX_UPLOAD_BYTES@|$body|g" \
     -e "s|@API_UPSTREAM@|$upstream|g" \
     -e "s|@API_MAX_CONNS@|$max_conns|g" \
@@ -35,12 +47,11 @@ sed -e "s|@RESOLVER@|$resolver|g" \
 
 mkdir -p /tmp/errors
 printf '{"detail":"request body too large: the limit is %s bytes"}\n' "$body" > /tmp/errors/413.json
-printf '{"detail":"rate limit exceeded: %s requests/s per client (burst %s); retry shortly"}\n' \
-  "$rate" "$burst" > /tmp/errors/429.json
+printf '{"detail":"rate limit exceeded: %s; retry shortly"}\n' "$rate_said" > /tmp/errors/429.json
 printf '{"detail":"no API replica could answer in time; retry shortly"}\n' > /tmp/errors/50x.json
 printf '{"detail":"no API replica can take this request now: every one is full (overloaded) or none is up; retry shortly"}\n' \
   > /tmp/errors/busy.json
 
-echo "entrypoint: resolver $resolver, upstream $upstream (max $max_conns requests per replica)," \
-     "rate limit ${rate} r/s (burst $burst), body limit $body bytes" >&2
+echo "entrypoint: resolver $resolver, upstream $upstream (at most $max_conns requests per replica)," \
+     "$rate_said, body limit $body bytes" >&2
 exec nginx -c /tmp/nginx.conf -g 'daemon off;'

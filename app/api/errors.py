@@ -69,7 +69,7 @@ async def image_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def overloaded(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, Overloaded)
-    _reject(request, "overloaded")
+    _reject(request, exc.reason)
     return JSONResponse(
         {"detail": f"overloaded: {exc.detail}; retry shortly"},
         status_code=503,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -130,47 +129,3 @@ class BodySizeLimitMiddleware:
                 raise
             started = True
             await send_copies(send, self._response)
-
-
-class InFlightLimitMiddleware:
-    """Answers 503 with `Retry-After`, at once and without reading the body, to a request for
-    a path under `prefix` when this worker already serves `limit` of them.
-
-    Under overload the CPU, not the inference queue, is the bottleneck: requests would wait,
-    unseen, in sockets and on the event loop while latency grows without bound. Capping the
-    requests a worker holds caps the time one waits, and a refusal costs a fraction of an
-    answer; nginx and clients retry elsewhere or later.
-    """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        limit: int,
-        prefix: str = "/predict",
-        on_reject: Callable[[], None] | None = None,
-    ) -> None:
-        self.app = app
-        self.limit = limit
-        self.prefix = prefix
-        self.on_reject = on_reject
-        self.in_flight = 0
-        self._response = json_response(
-            503,
-            f"overloaded: this worker is serving {limit} requests; retry shortly",
-            (b"retry-after", b"1"),
-        )
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
-            await self.app(scope, receive, send)
-            return
-        if self.in_flight >= self.limit:
-            if self.on_reject is not None:
-                self.on_reject()
-            await send_copies(send, self._response)
-            return
-        self.in_flight += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.in_flight -= 1

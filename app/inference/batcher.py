@@ -32,12 +32,20 @@ Predict = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
 
 
 class Overloaded(Exception):
-    """The queue is full, or the worker is shutting down: try again shortly."""
+    """The queue is full, or the worker is shutting down: try again shortly. `reason` is the
+    label the refusal is counted under."""
 
-    def __init__(self, detail: str, retry_after: int = 1) -> None:
+    def __init__(
+        self, detail: str, retry_after: int = 1, reason: str = "inference_queue_full"
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.retry_after = retry_after
+        self.reason = reason
+
+
+def shutting_down() -> Overloaded:
+    return Overloaded("the worker is shutting down", reason="shutting_down")
 
 
 class InferenceError(RuntimeError):
@@ -114,7 +122,7 @@ class Batcher:
                 await self._task
         for item in [*self._in_flight, *self._queue]:
             if not item.future.done():
-                item.future.set_exception(Overloaded("the worker is shutting down"))
+                item.future.set_exception(shutting_down())
         self._queue.clear()
         self._in_flight = []
         if self._executor is not None:
@@ -128,7 +136,7 @@ class Batcher:
     async def predict_many(self, images: Sequence[Pixels]) -> list[Pixels]:
         """Class probabilities for each image; all are admitted to the queue, or none."""
         if self._closing or not self.running:
-            raise Overloaded("the worker is shutting down")
+            raise shutting_down()
         if len(self._queue) + len(images) > self.max_queue:
             raise Overloaded(
                 f"the inference queue is full ({len(self._queue)}/{self.max_queue} images)"

@@ -266,6 +266,11 @@ def test_overload_is_503_with_retry_after(settings: Settings) -> None:
         assert response.headers["retry-after"] == "1"
         assert "overloaded" in response.json()["detail"]
         assert len(tasks) == 3
+
+        async def drained() -> None:
+            await asyncio.gather(*tasks)  # type: ignore[arg-type]
+
+        client.portal.call(drained)  # type: ignore[union-attr]
         assert client.post("/predict", **upload(DIGIT)).status_code == 200  # type: ignore[arg-type]
 
 

@@ -1,0 +1,276 @@
+"""Admission by time: a prediction request is refused only when it can no longer be answered
+within the latency budget (`LATENCY_BUDGET_MS`); every other request is queued and served.
+
+Each worker serves at most `max_concurrency` prediction requests at once. The others wait, in
+arrival order, for a free place: a waiting request is a future on a queue and costs no CPU. Its
+age counts from the moment the edge forwarded it (nginx stamps `X-Request-Start: t=<epoch
+seconds>`), so the time it spent in sockets and in this worker's event loop before it was seen
+here is part of it. It is refused with 503 and Retry-After, before its body is read:
+
+* on arrival, when it would have to wait and is already too old to be answered in time
+  (age + expected service time > budget);
+* while it waits, at the moment that becomes true (its deadline);
+* on arrival, when `max_queued` requests already wait: a bound on memory, set far above what
+  the budget lets wait.
+
+A request that finds a free place is served whatever its age: serving it delays nobody (a
+request that nginx retried after a dead replica's connect timeout is such a request).
+
+This is HAProxy's `maxconn` + queue + `timeout queue`, with the timeout derived from one
+budget; docs/admission.md says why rather than CoDel, adaptive LIFO or an adaptive concurrency
+limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.api.middleware import json_response, send_copies
+
+REQUEST_START = b"x-request-start"
+
+
+def parse_request_start(value: bytes) -> float | None:
+    """Epoch seconds from an `X-Request-Start` value: `t=1700000000.123` (nginx's `$msec`),
+    or integer milliseconds or microseconds, with or without `t=`. None if unreadable."""
+    text = value.strip()
+    if text.startswith(b"t="):
+        text = text[2:]
+    try:
+        stamp = float(text)
+    except ValueError:
+        return None
+    if not stamp > 0 or stamp == float("inf"):
+        return None
+    if stamp > 1e14:  # microseconds
+        return stamp / 1e6
+    if stamp > 1e11:  # milliseconds
+        return stamp / 1e3
+    return stamp
+
+
+class EdgeClock:
+    """How long ago the edge forwarded a request, from its stamp, with the edge's and this
+    host's clocks reconciled.
+
+    The raw age (this host's time minus the stamp) carries the offset between the two clocks.
+    The offset is estimated as the smallest raw age seen over the last ten minutes (the "base
+    delay" of LEDBAT, RFC 6817: some request always gets through at once) and subtracted, but
+    only where it is positive. So a skewed clock shifts nothing; a stamp from a clock that runs
+    ahead of this one reads as age 0; and no stamp can make any request but its own look older
+    than this host's clock says. (nginx replaces any stamp a client sends; the replicas are
+    reachable through it only.)
+    """
+
+    def __init__(
+        self,
+        *,
+        bucket_seconds: float = 60.0,
+        buckets: int = 10,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.bucket_seconds = bucket_seconds
+        self.buckets = buckets
+        self.clock = clock
+        self._minima: deque[tuple[int, float]] = deque()  # (bucket, smallest raw age in it)
+        self._offset = 0.0
+
+    @property
+    def offset(self) -> float:
+        """The clock offset being subtracted (s, >= 0)."""
+        return self._offset
+
+    def age(self, stamp: float) -> float:
+        """Seconds since the edge forwarded the request stamped `stamp` (>= 0)."""
+        now = self.clock()
+        raw = now - stamp
+        bucket = int(now // self.bucket_seconds)
+        if self._minima and self._minima[-1][0] == bucket:
+            if raw < self._minima[-1][1]:
+                self._minima[-1] = (bucket, raw)
+                self._offset = max(0.0, min(self._offset, raw))
+        else:
+            self._minima.append((bucket, raw))
+            while self._minima[0][0] <= bucket - self.buckets:
+                self._minima.popleft()
+            self._offset = max(0.0, min(m for _, m in self._minima))
+        return max(0.0, raw - self._offset)
+
+
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    future: asyncio.Future[bool]  # True: a place was given; False: the deadline passed
+    timer: asyncio.TimerHandle | None = field(default=None)
+
+
+class Refused(Exception):
+    """The request was refused; `reason` is the label it is counted under."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# The labels refusals are counted under (mnist.rejected's mnist.reason).
+BUDGET = "budget"
+QUEUE_FULL = "queue_full"
+
+
+class Admission:
+    """One worker's admission queue. All methods run on the worker's event loop."""
+
+    def __init__(
+        self,
+        *,
+        budget: float,
+        max_concurrency: int,
+        max_queued: int,
+        edge_clock: EdgeClock | None = None,
+    ) -> None:
+        if budget <= 0 or max_concurrency < 1 or max_queued < 0:
+            raise ValueError("budget must be > 0, max_concurrency >= 1, max_queued >= 0")
+        self.budget = budget
+        self.max_concurrency = max_concurrency
+        self.max_queued = max_queued
+        self.edge_clock = edge_clock or EdgeClock()
+        self.active = 0  # requests being served
+        self.waiting = 0  # requests waiting for a place (live entries of _queue)
+        # Time from admission to the answer, smoothed, and its mean deviation: estimated as TCP
+        # estimates a round trip (RFC 6298: gains 1/8 and 1/4), so that `service_time` covers
+        # most answers, not just the average one.
+        self._mean = 0.0
+        self._deviation = 0.0
+        self._queue: deque[_Waiter] = deque()
+
+    @property
+    def service_time(self) -> float:
+        """What an answer is expected to take once admitted, at most (s): mean + 4 deviations."""
+        return self._mean + 4 * self._deviation
+
+    async def enter(self, edge_age: float) -> float:
+        """Wait for a place for a request `edge_age` seconds old on arrival. Returns the time
+        it waited here; raises `Refused` if it cannot be answered within the budget."""
+        if self.active < self.max_concurrency and not self.waiting:
+            self.active += 1
+            return 0.0
+        if self.waiting >= self.max_queued:
+            raise Refused(QUEUE_FULL)
+        patience = self.budget - edge_age - self.service_time
+        if patience <= 0:
+            raise Refused(BUDGET)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        waiter = _Waiter(loop.create_future())
+        waiter.timer = loop.call_at(started + patience, self._expire, waiter)
+        self._queue.append(waiter)
+        self.waiting += 1
+        try:
+            admitted = await waiter.future
+        except asyncio.CancelledError:
+            if waiter.future.cancelled():  # cancelled while it waited
+                self._forget(waiter)
+            elif waiter.future.result():  # given a place, then cancelled: give it back
+                self.leave(0.0, record=False)
+            raise
+        if not admitted:
+            raise Refused(BUDGET)
+        return loop.time() - started
+
+    def leave(self, service_seconds: float, *, record: bool = True) -> None:
+        """A request admitted by `enter` is done, after `service_seconds` of service."""
+        if record:
+            if self._mean == 0.0:  # the first measurement (RFC 6298, 2.2)
+                self._mean, self._deviation = service_seconds, service_seconds / 2
+            else:
+                self._deviation += (abs(service_seconds - self._mean) - self._deviation) / 4
+                self._mean += (service_seconds - self._mean) / 8
+        while self._queue:
+            waiter = self._queue.popleft()
+            if waiter.future.done():  # expired or cancelled: already counted out
+                continue
+            self._settle(waiter, admitted=True)
+            return  # the place goes straight to the waiter: `active` is unchanged
+        self.active -= 1
+
+    def _expire(self, waiter: _Waiter) -> None:
+        if not waiter.future.done():
+            self._settle(waiter, admitted=False)
+
+    def _settle(self, waiter: _Waiter, *, admitted: bool) -> None:
+        self.waiting -= 1
+        if waiter.timer is not None:
+            waiter.timer.cancel()
+        waiter.future.set_result(admitted)
+
+    def _forget(self, waiter: _Waiter) -> None:
+        self.waiting -= 1
+        if waiter.timer is not None:
+            waiter.timer.cancel()
+
+
+class AdmissionMiddleware:
+    """Runs every request for a path under `prefix` through `Admission`; answers a refused one
+    with 503, Retry-After and a JSON body that says why, without reading its body."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        admission: Admission,
+        *,
+        prefix: str = "/predict",
+        on_admit: Callable[[float | None, float], None] | None = None,
+        on_refuse: Callable[[str], None] | None = None,
+    ) -> None:
+        self.app = app
+        self.admission = admission
+        self.prefix = prefix
+        self.on_admit = on_admit
+        self.on_refuse = on_refuse
+        budget_ms = round(admission.budget * 1000)
+        retry = (b"retry-after", b"1")
+        self._responses = {
+            BUDGET: json_response(
+                503,
+                f"overloaded: this request could not be answered within the {budget_ms} ms "
+                "latency budget; retry shortly",
+                retry,
+            ),
+            QUEUE_FULL: json_response(
+                503,
+                f"overloaded: {admission.max_queued} requests are already waiting on this "
+                "worker; retry shortly",
+                retry,
+            ),
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefix):
+            await self.app(scope, receive, send)
+            return
+        edge_age: float | None = None
+        for name, value in scope["headers"]:
+            if name == REQUEST_START:
+                stamp = parse_request_start(value)
+                if stamp is not None:
+                    edge_age = self.admission.edge_clock.age(stamp)
+                break
+        try:
+            waited = await self.admission.enter(edge_age or 0.0)
+        except Refused as refused:
+            if self.on_refuse is not None:
+                self.on_refuse(refused.reason)
+            await send_copies(send, self._responses[refused.reason])
+            return
+        if self.on_admit is not None:
+            self.on_admit(edge_age, waited)
+        started = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.admission.leave(time.perf_counter() - started)

@@ -1,0 +1,417 @@
+"""Admission by time: the stamp, the clocks, the queue, the refusals (app/admission.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from starlette.types import Message, Receive, Scope, Send
+
+from app.admission import (
+    BUDGET,
+    QUEUE_FULL,
+    Admission,
+    AdmissionMiddleware,
+    EdgeClock,
+    Refused,
+    parse_request_start,
+)
+from app.config import Settings
+from app.main import create_app
+from tests.conftest import FakeModel, digit_image, png_bytes
+
+# -- the stamp ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (b"t=1700000000.123", 1700000000.123),  # nginx: "t=${msec}"
+        (b"1700000000.123", 1700000000.123),
+        (b"t=1700000000123", 1700000000.123),  # milliseconds
+        (b"t=1700000000123456", 1700000000.123456),  # microseconds
+        (b"  t=1700000000.5 ", 1700000000.5),
+    ],
+)
+def test_request_start_formats(value: bytes, seconds: float) -> None:
+    assert parse_request_start(value) == pytest.approx(seconds, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "value", [b"", b"t=", b"t=soon", b"t=-5", b"t=0", b"t=inf", b"t=nan", b"t=1e400", b"1,5"]
+)
+def test_unreadable_stamps_are_ignored(value: bytes) -> None:
+    assert parse_request_start(value) is None
+
+
+# -- the clocks -----------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_age_with_synchronised_clocks() -> None:
+    clock = Clock()
+    edge = EdgeClock(clock=clock)
+    assert edge.age(clock.now) == 0.0  # forwarded just now
+    assert edge.age(clock.now - 0.25) == pytest.approx(0.25)
+    assert edge.offset == 0.0
+
+
+def test_a_clock_running_ahead_of_the_edge_is_corrected() -> None:
+    clock = Clock()
+    edge = EdgeClock(clock=clock)
+    skew = 5.0  # this host's clock is 5 s ahead of the edge's
+    assert edge.age(clock.now - skew - 0.001) == pytest.approx(0.0)  # a request seen at once
+    assert edge.age(clock.now - skew - 0.3) == pytest.approx(0.299)  # one that waited 300 ms
+    assert edge.offset == pytest.approx(skew + 0.001)
+
+
+def test_a_clock_running_behind_the_edge_reads_as_no_wait() -> None:
+    clock = Clock()
+    edge = EdgeClock(clock=clock)
+    assert edge.age(clock.now + 2.0) == 0.0  # the stamp is "in the future"
+    assert edge.offset == 0.0
+    assert edge.age(clock.now - 0.1) == pytest.approx(0.1)  # and nothing else is shifted
+
+
+def test_a_forged_stamp_ages_no_other_request() -> None:
+    clock = Clock()
+    edge = EdgeClock(clock=clock)
+    edge.age(clock.now - 1.0)  # this host runs 1 s ahead
+    assert edge.age(clock.now - 3600) == pytest.approx(3599)  # only itself is old
+    assert edge.age(clock.now - 1.05) == pytest.approx(0.05)
+    # From the future: read as no wait; at worst it takes the correction away for a while,
+    # and no request reads older than this host's clock says.
+    assert edge.age(clock.now + 3600) == 0.0
+    assert edge.offset == 0.0
+    assert edge.age(clock.now - 1.05) == pytest.approx(1.05)
+
+
+def test_the_offset_follows_a_clock_change_within_the_window() -> None:
+    clock = Clock()
+    edge = EdgeClock(bucket_seconds=60, buckets=10, clock=clock)
+    edge.age(clock.now - 2.0)  # 2 s of skew
+    assert edge.offset == pytest.approx(2.0)
+    clock.now += 60  # a minute later the skew is corrected (NTP) to 0.5 s
+    edge.age(clock.now - 0.5)
+    assert edge.offset == pytest.approx(0.5)
+    clock.now += 30
+    assert edge.age(clock.now - 0.7) == pytest.approx(0.2)
+    # Ten minutes on, both earlier minima have left the window.
+    clock.now += 600
+    edge.age(clock.now - 1.0)
+    assert edge.offset == pytest.approx(1.0)
+
+
+# -- the queue ------------------------------------------------------------------------------
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(scenario())  # type: ignore[arg-type]
+
+
+def admission(**overrides: Any) -> Admission:
+    options: dict[str, Any] = {"budget": 0.5, "max_concurrency": 2, "max_queued": 8}
+    return Admission(**{**options, **overrides})
+
+
+def test_free_places_admit_at_once_whatever_the_age() -> None:
+    async def scenario() -> None:
+        gate = admission(budget=0.1)
+        assert await gate.enter(0.0) == 0.0
+        # Older than the budget, but nobody waits behind a free place: served.
+        assert await gate.enter(5.0) == 0.0
+        assert gate.active == 2
+
+    run(scenario)
+
+
+def test_waiters_get_places_in_arrival_order() -> None:
+    async def scenario() -> None:
+        gate = admission(max_concurrency=1)
+        await gate.enter(0.0)
+        order: list[int] = []
+
+        async def wait(n: int) -> None:
+            await gate.enter(0.0)
+            order.append(n)
+
+        tasks = [asyncio.create_task(wait(n)) for n in range(4)]
+        await asyncio.sleep(0)
+        assert gate.waiting == 4
+        for _ in range(4):
+            gate.leave(0.001)
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+        assert order == [0, 1, 2, 3]
+        assert gate.active == 1  # the last one holds the place
+        assert gate.waiting == 0
+        gate.leave(0.001)
+        assert gate.active == 0
+
+    run(scenario)
+
+
+def test_a_waiter_is_refused_when_it_can_no_longer_be_answered_in_time() -> None:
+    async def scenario() -> None:
+        gate = admission(budget=0.2, max_concurrency=1)
+        await gate.enter(0.0)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(Refused) as refused:
+            await gate.enter(0.05)  # 50 ms old on arrival: 150 ms of patience left
+        waited = loop.time() - started
+        assert refused.value.reason == BUDGET
+        assert 0.14 <= waited < 1.0
+        assert gate.waiting == 0
+        gate.leave(0.001)
+        assert gate.active == 0  # the expired waiter was never given the place
+
+    run(scenario)
+
+
+def test_the_expected_service_time_is_part_of_the_deadline() -> None:
+    async def scenario() -> None:
+        gate = admission(budget=0.3, max_concurrency=1)
+        await gate.enter(0.0)
+        gate.leave(0.02)  # the first answer took 20 ms: mean 20 ms, deviation 10 ms
+        assert gate.service_time == pytest.approx(0.06)
+        for _ in range(50):  # then every answer takes 20 ms: the deviation dies away
+            await gate.enter(0.0)
+            gate.leave(0.02)
+        assert gate.service_time == pytest.approx(0.02, abs=0.001)
+        for seconds in (0.1, 0.3) * 10:  # answers vary: the estimate covers the slow ones
+            await gate.enter(0.0)
+            gate.leave(seconds)
+        assert gate.service_time > 0.3
+        await gate.enter(0.0)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(Refused):
+            await gate.enter(0.0)  # 300 ms budget - more than 300 ms of service: no wait
+        assert loop.time() - started < 0.05
+
+    run(scenario)
+
+
+def test_a_request_already_too_old_to_wait_is_refused_at_once() -> None:
+    async def scenario() -> None:
+        gate = admission(budget=0.5, max_concurrency=1)
+        await gate.enter(0.0)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(Refused) as refused:
+            await gate.enter(0.6)
+        assert refused.value.reason == BUDGET
+        assert loop.time() - started < 0.05
+        assert gate.waiting == 0
+
+    run(scenario)
+
+
+def test_the_safety_bound_refuses_at_once() -> None:
+    async def scenario() -> None:
+        gate = admission(max_concurrency=1, max_queued=2)
+        await gate.enter(0.0)
+        waiters = [asyncio.create_task(gate.enter(0.0)) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(Refused) as refused:
+            await gate.enter(0.0)
+        assert refused.value.reason == QUEUE_FULL
+        for _ in range(3):
+            gate.leave(0.0)
+        await asyncio.gather(*waiters)
+        assert (gate.active, gate.waiting) == (0, 0)
+
+    run(scenario)
+
+
+def test_a_cancelled_waiter_leaves_the_queue_and_loses_no_place() -> None:
+    async def scenario() -> None:
+        gate = admission(max_concurrency=1)
+        await gate.enter(0.0)
+        gone = asyncio.create_task(gate.enter(0.0))
+        kept = asyncio.create_task(gate.enter(0.0))
+        await asyncio.sleep(0)
+        gone.cancel()
+        await asyncio.sleep(0)
+        assert gate.waiting == 1
+        gate.leave(0.0)  # skips the cancelled waiter
+        assert await kept == pytest.approx(0.0, abs=0.5)
+        assert gate.active == 1
+        # Given a place, then cancelled before it could use it: the place is given back.
+        late = asyncio.create_task(gate.enter(0.0))
+        await asyncio.sleep(0)
+        gate.leave(0.0)  # the place goes to `late`...
+        late.cancel()  # ...which is cancelled before it resumes
+        with pytest.raises(asyncio.CancelledError):
+            await late
+        assert (gate.active, gate.waiting) == (0, 0)
+
+    run(scenario)
+
+
+def test_invalid_bounds_are_refused() -> None:
+    with pytest.raises(ValueError, match="budget must be > 0"):
+        Admission(budget=0, max_concurrency=1, max_queued=1)
+    with pytest.raises(ValueError, match="max_concurrency >= 1"):
+        Admission(budget=1, max_concurrency=0, max_queued=1)
+
+
+# -- the middleware -------------------------------------------------------------------------
+
+
+class Held:
+    """An ASGI app that answers 200 once released."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def call(
+    app: AdmissionMiddleware,
+    path: str = "/predict",
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> tuple[int, dict[bytes, bytes], bytes, int]:
+    sent: list[Message] = []
+    read = 0
+
+    async def receive() -> Message:
+        nonlocal read
+        read += 1
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "path": path, "method": "POST", "headers": headers or []}
+    await app(scope, receive, send)
+    body = b"".join(m["body"] for m in sent[1:])
+    return sent[0]["status"], dict(sent[0]["headers"]), body, read
+
+
+def stamp(age: float) -> list[tuple[bytes, bytes]]:
+    return [(b"x-request-start", f"t={time.time() - age:.3f}".encode())]
+
+
+def test_refusals_are_json_503_with_retry_after_and_the_body_unread() -> None:
+    async def scenario() -> None:
+        inner = Held()
+        refused: list[str] = []
+        admitted: list[tuple[float | None, float]] = []
+        gate = admission(budget=0.3, max_concurrency=1, max_queued=1)
+        gate.edge_clock.age(time.time())  # a request seen at once: the clocks agree
+        app = AdmissionMiddleware(
+            inner,
+            gate,
+            on_refuse=refused.append,
+            on_admit=lambda edge, wait: admitted.append((edge, wait)),
+        )
+        held = asyncio.create_task(call(app, headers=stamp(0.02)))
+        await asyncio.sleep(0.01)
+        waiting = asyncio.create_task(call(app))  # no stamp: its age counts from here
+        await asyncio.sleep(0.01)
+
+        status, headers, body, read = await call(app)  # the queue's one place is taken
+        assert (status, read) == (503, 0)
+        assert headers[b"retry-after"] == b"1"
+        assert headers[b"content-type"] == b"application/json"
+        assert "already waiting" in json.loads(body)["detail"]
+
+        status, _, body, read = await waiting  # its deadline passes
+        assert (status, read) == (503, 0)
+        assert "300 ms latency budget" in json.loads(body)["detail"]
+        assert refused == [QUEUE_FULL, BUDGET]
+
+        inner.release.set()
+        assert (await held)[0] == 200
+        ((edge, wait),) = admitted
+        assert edge == pytest.approx(0.02, abs=0.015)  # from the stamp (ms resolution)
+        assert wait == 0.0
+        assert (gate.active, gate.waiting) == (0, 0)
+
+    run(scenario)
+
+
+def test_only_prediction_paths_are_admitted() -> None:
+    async def scenario() -> None:
+        inner = Held()
+        inner.release.set()
+        gate = admission(max_concurrency=1, max_queued=0)
+        gate.active = 1  # as if a prediction were being served, nothing may wait
+        app = AdmissionMiddleware(inner, gate)
+        assert (await call(app, "/readyz"))[0] == 200
+        assert (await call(app, "/healthz"))[0] == 200
+        assert (await call(app, "/predict/batch"))[0] == 503
+
+    run(scenario)
+
+
+def test_a_failing_request_gives_its_place_back() -> None:
+    async def broken(scope: Scope, receive: Receive, send: Send) -> None:
+        raise RuntimeError("boom")
+
+    async def scenario() -> None:
+        gate = admission(max_concurrency=1)
+        app = AdmissionMiddleware(broken, gate)
+        for _ in range(3):
+            with pytest.raises(RuntimeError):
+                await call(app)
+        assert gate.active == 0
+
+    run(scenario)
+
+
+# -- through the app ------------------------------------------------------------------------
+
+
+def test_the_app_queues_then_refuses_past_its_budget(settings: Settings) -> None:
+    gate = threading.Event()
+
+    class SlowModel(FakeModel):
+        def predict(self, batch: np.ndarray) -> np.ndarray:
+            gate.wait(5)  # held closed while the test sends a second request
+            return super().predict(batch)
+
+    tight = settings.model_copy(update={"max_concurrency": 1, "latency_budget_ms": 200.0})
+    app = create_app(tight, model_loader=lambda _s: SlowModel())
+    files = {"file": ("d.png", png_bytes(digit_image()), "image/png")}
+    gate.set()
+    with TestClient(app) as client:
+        gate.clear()
+        first: list[int] = []
+        holder = threading.Thread(
+            target=lambda: first.append(client.post("/predict", files=files).status_code)
+        )
+        holder.start()
+        while app.state.admission.active == 0:
+            time.sleep(0.005)
+        started = time.monotonic()
+        refused = client.post("/predict", files=files)
+        waited = time.monotonic() - started
+        gate.set()
+        holder.join(10)
+        assert first == [200]
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert "200 ms latency budget" in refused.json()["detail"]
+        assert waited >= 0.15  # it waited for a place before being refused
+        assert client.post("/predict", files=files).status_code == 200
