@@ -7,9 +7,13 @@ age counts from the moment the edge forwarded it (nginx stamps `X-Request-Start:
 seconds>`), so the time it spent in sockets and in this worker's event loop before it was seen
 here is part of it. It is refused with 503 and Retry-After, before its body is read:
 
-* on arrival, when it would have to wait and is already too old to be answered in time
-  (age + expected service time > budget);
-* while it waits, at the moment that becomes true (its deadline);
+* while it waits, at the moment it could no longer be answered in time (its deadline);
+* on arrival, when it would have to wait and is already too old to be answered in time;
+* on arrival, in an overload (a waiter missed its deadline in the last second), when it is
+  expected to miss its own: the requests ahead of it, served `max_concurrency` at a time in the
+  smoothed service time, would take it past the budget. Refused at once, it holds no
+  connection and its client does not wait for the refusal. Outside an overload nothing is
+  refused on a forecast;
 * on arrival, when `max_queued` requests already wait: a bound on memory, set far above what
   the budget lets wait.
 
@@ -117,6 +121,10 @@ class Refused(Exception):
         self.reason = reason
 
 
+# How long after a waiter missed its deadline requests expected to miss theirs are refused at
+# once (s).
+OVERLOAD_WINDOW = 1.0
+
 # The labels refusals are counted under (mnist.rejected's mnist.reason).
 BUDGET = "budget"
 QUEUE_FULL = "queue_full"
@@ -141,17 +149,11 @@ class Admission:
         self.edge_clock = edge_clock or EdgeClock()
         self.active = 0  # requests being served
         self.waiting = 0  # requests waiting for a place (live entries of _queue)
-        # Time from admission to the answer, smoothed, and its mean deviation: estimated as TCP
-        # estimates a round trip (RFC 6298: gains 1/8 and 1/4), so that `service_time` covers
-        # most answers, not just the average one.
-        self._mean = 0.0
-        self._deviation = 0.0
+        # Time from admission to the answer, smoothed (gain 1/8, as TCP smooths a round trip,
+        # RFC 6298).
+        self.service_time = 0.0
+        self._missed_at = -OVERLOAD_WINDOW  # when a waiter last missed its deadline
         self._queue: deque[_Waiter] = deque()
-
-    @property
-    def service_time(self) -> float:
-        """What an answer is expected to take once admitted, at most (s): mean + 4 deviations."""
-        return self._mean + 4 * self._deviation
 
     async def enter(self, edge_age: float) -> float:
         """Wait for a place for a request `edge_age` seconds old on arrival. Returns the time
@@ -161,11 +163,20 @@ class Admission:
             return 0.0
         if self.waiting >= self.max_queued:
             raise Refused(QUEUE_FULL)
+        # How long it can wait and still be answered in time; how long it is expected to wait:
+        # the requests ahead of it, served `max_concurrency` at a time.
         patience = self.budget - edge_age - self.service_time
         if patience <= 0:
             raise Refused(BUDGET)
         loop = asyncio.get_running_loop()
         started = loop.time()
+        if started - self._missed_at < OVERLOAD_WINDOW:
+            # Waiters have missed the budget lately: the queue is as long as the budget allows,
+            # and a request expected to miss it too is refused now, not at its deadline, so
+            # that it holds no connection and costs its client no wait.
+            expected = (self.waiting + 1) * self.service_time / self.max_concurrency
+            if expected >= patience:
+                raise Refused(BUDGET)
         waiter = _Waiter(loop.create_future())
         waiter.timer = loop.call_at(started + patience, self._expire, waiter)
         self._queue.append(waiter)
@@ -185,11 +196,10 @@ class Admission:
     def leave(self, service_seconds: float, *, record: bool = True) -> None:
         """A request admitted by `enter` is done, after `service_seconds` of service."""
         if record:
-            if self._mean == 0.0:  # the first measurement (RFC 6298, 2.2)
-                self._mean, self._deviation = service_seconds, service_seconds / 2
+            if self.service_time == 0.0:  # the first measurement
+                self.service_time = service_seconds
             else:
-                self._deviation += (abs(service_seconds - self._mean) - self._deviation) / 4
-                self._mean += (service_seconds - self._mean) / 8
+                self.service_time += (service_seconds - self.service_time) / 8
         while self._queue:
             waiter = self._queue.popleft()
             if waiter.future.done():  # expired or cancelled: already counted out
@@ -200,6 +210,7 @@ class Admission:
 
     def _expire(self, waiter: _Waiter) -> None:
         if not waiter.future.done():
+            self._missed_at = waiter.future.get_loop().time()
             self._settle(waiter, admitted=False)
 
     def _settle(self, waiter: _Waiter, *, admitted: bool) -> None:

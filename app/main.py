@@ -76,8 +76,8 @@ def create_app(
     app.include_router(health.router)
     errors.install(app)
     # Added in this order, each outside the last: admission decides first (before anything
-    # reads the body), then an oversized body is refused before anything reads it.
-    app.add_middleware(ServedByMiddleware)
+    # reads the body), then an oversized body is refused before anything reads it; every
+    # answer, a refusal too, names the worker.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
     admission = Admission(
         budget=settings.latency_budget_ms / 1000.0,
@@ -92,6 +92,7 @@ def create_app(
         on_admit=metrics.record_admission,
         on_refuse=metrics.record_rejection,
     )
+    app.add_middleware(ServedByMiddleware)
     if not telemetry_off:
         # Outermost: every answer is timed and counted, refusals included.
         app.add_middleware(HttpServerMetrics, histogram=metrics.http_duration)

@@ -101,9 +101,7 @@ def main() -> None:
     args = parser.parse_args()
 
     payload = payloads()["png-28x28"]  # the same upload make bench sends
-    # Throughput, not admission, is measured here: no in-flight refusals (wrk's connections are
-    # spread unevenly over the workers).
-    off = {"OTEL_SDK_DISABLED": "true", "MAX_IN_FLIGHT": "100000"}
+    off = {"OTEL_SDK_DISABLED": "true"}  # otherwise the settings as shipped
     apps = {
         SERVICE: ("app.main:app", off),
         "no-model": ("benchmarks.baselines.nomodel:app", off),

@@ -179,6 +179,27 @@ def overview() -> Dashboard:
         stack=True,
     )
     d.panel(
+        "Refused for capacity (503), by reason",
+        [
+            ("mnist_reason:mnist_shed:rate1m", "{{mnist_reason}}"),
+            ("mnist:shed_ratio:rate1m", "share of prediction requests"),
+        ],
+        unit="reqps",
+        stack=True,
+        description="budget: could not be answered within LATENCY_BUDGET_MS; queue_full and "
+        "inference_queue_full: a queue's safety bound. Nothing is refused below capacity.",
+    )
+    d.panel(
+        "Waiting before service",
+        [
+            ("mnist:edge_wait_seconds:p99", "nginx to worker, p99"),
+            ("mnist:admission_wait_seconds:p99", "for a place in the worker, p99"),
+            (quantile(0.5, "mnist_admission_wait_seconds", API), "for a place in the worker, p50"),
+        ],
+        unit="s",
+        description="Both count against the latency budget, with the service time.",
+    )
+    d.panel(
         "Replicas and workers reporting",
         [
             ("mnist:replicas:count", "replicas"),
@@ -220,6 +241,27 @@ def inference() -> Dashboard:
     )
     d.panel("Queue depth per worker", [(f"mnist_queue_depth{{{API}}}", "{{instance}}")], width=8)
     d.panel(
+        "Prediction requests in each worker",
+        [
+            (
+                f"sum by (mnist_state) (mnist_admission_requests{{{API}}})",
+                "{{mnist_state}}",
+            )
+        ],
+        stack=True,
+        description="active: being served (at most MAX_CONCURRENCY per worker); waiting: "
+        "queued for a place.",
+    )
+    d.panel(
+        "Admission wait",
+        [
+            (quantile(0.5, "mnist_admission_wait_seconds", API), "p50"),
+            (quantile(0.99, "mnist_admission_wait_seconds", API), "p99"),
+            (quantile(0.99, "mnist_edge_wait_seconds", API), "nginx to worker, p99"),
+        ],
+        unit="s",
+    )
+    d.panel(
         "Inference time per batch",
         [
             (quantile(0.5, "mnist_inference_duration_seconds", API), "p50"),
@@ -246,7 +288,8 @@ def inference() -> Dashboard:
         unit="reqps",
         width=24,
         stack=True,
-        description="Bad uploads by kind, and overload (503) sheds.",
+        description="Bad uploads by kind, and refusals for capacity (503): budget, "
+        "queue_full, inference_queue_full, not_ready, shutting_down.",
     )
     return d
 
@@ -341,6 +384,10 @@ def drilldown() -> Dashboard:
         unit="s",
     )
     d.panel("Queue depth per worker", [(f"mnist_queue_depth{{{WORKER}}}", "{{instance}}")])
+    d.panel(
+        "Requests waiting for a place, per worker",
+        [(f'mnist_admission_requests{{{WORKER}, mnist_state="waiting"}}', "{{instance}}")],
+    )
     d.panel(
         "Mean batch size per worker",
         [

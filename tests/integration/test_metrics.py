@@ -103,7 +103,8 @@ def test_every_rule_is_valid_and_loaded(stack: Stack) -> None:
         "MnistHighErrorRatio",
         "MnistHighLatencyP99",
         "MnistReplicaMissing",
-        "MnistOverloadRejections",
+        "MnistShedding",
+        "MnistEdgeWaitHigh",
         "MnistEdgeRefusals",
         "CollectorDown",
     }

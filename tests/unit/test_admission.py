@@ -187,22 +187,51 @@ def test_the_expected_service_time_is_part_of_the_deadline() -> None:
     async def scenario() -> None:
         gate = admission(budget=0.3, max_concurrency=1)
         await gate.enter(0.0)
-        gate.leave(0.02)  # the first answer took 20 ms: mean 20 ms, deviation 10 ms
-        assert gate.service_time == pytest.approx(0.06)
-        for _ in range(50):  # then every answer takes 20 ms: the deviation dies away
-            await gate.enter(0.0)
-            gate.leave(0.02)
-        assert gate.service_time == pytest.approx(0.02, abs=0.001)
-        for seconds in (0.1, 0.3) * 10:  # answers vary: the estimate covers the slow ones
-            await gate.enter(0.0)
-            gate.leave(seconds)
-        assert gate.service_time > 0.3
+        gate.leave(0.2)  # the first answer took 200 ms
+        assert gate.service_time == pytest.approx(0.2)
         await gate.enter(0.0)
+        gate.leave(0.04)
+        assert gate.service_time == pytest.approx(0.2 + (0.04 - 0.2) / 8)
+        await gate.enter(0.0)
+        gate.service_time = 0.1
         loop = asyncio.get_running_loop()
         started = loop.time()
         with pytest.raises(Refused):
-            await gate.enter(0.0)  # 300 ms budget - more than 300 ms of service: no wait
+            # 300 ms budget - 100 ms of service, first in line (100 ms): 100 ms to wait at most
+            await gate.enter(0.0)
+        assert 0.09 <= loop.time() - started < 0.25
+
+    run(scenario)
+
+
+def test_in_an_overload_a_request_expected_to_miss_is_refused_at_once() -> None:
+    async def scenario() -> None:
+        gate = admission(budget=0.5, max_concurrency=2, max_queued=100)
+        gate.service_time = 0.1
+        for _ in range(2):
+            await gate.enter(0.0)
+        # Each waiter expects (place in line) x 100 ms / 2 of waiting, and 100 ms of service:
+        # the 1st to the 7th can make 500 ms, the 8th cannot.
+        waiters = [asyncio.create_task(gate.enter(0.0)) for _ in range(7)]
+        await asyncio.sleep(0)
+        # No overload yet: the 8th is not refused on a forecast; it waits for its deadline.
+        eighth = asyncio.create_task(gate.enter(0.0))
+        await asyncio.sleep(0.05)
+        assert not eighth.done()
+        assert gate.waiting == 8
+        # A waiter misses its deadline (it came in 350 ms old: 50 ms of patience): an overload.
+        with pytest.raises(Refused):
+            await gate.enter(0.35)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(Refused) as refused:
+            await gate.enter(0.0)  # the 9th in line: refused at once
+        assert refused.value.reason == BUDGET
         assert loop.time() - started < 0.05
+        eighth.cancel()
+        for _ in range(9):
+            gate.leave(0.1)
+        await asyncio.gather(*waiters)
 
     run(scenario)
 
@@ -413,5 +442,6 @@ def test_the_app_queues_then_refuses_past_its_budget(settings: Settings) -> None
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
         assert "200 ms latency budget" in refused.json()["detail"]
+        assert refused.headers["x-served-by"]  # which worker refused it
         assert waited >= 0.15  # it waited for a place before being refused
         assert client.post("/predict", files=files).status_code == 200

@@ -17,6 +17,9 @@ def test_defaults_are_safe() -> None:
     assert settings.max_image_pixels < 12000 * 12000
     assert settings.batch_max_wait_ms == 0.0
     assert 1 <= settings.batch_max_size <= settings.queue_max_size
+    # Admission refuses by time; its count bound is far above what the budget lets wait.
+    assert 250 <= settings.latency_budget_ms <= 500
+    assert settings.max_queued >= 1000
 
 
 def test_values_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -43,6 +46,10 @@ def test_values_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
         ("BATCH_MAX_WAIT_MS", "-1"),
         ("QUEUE_MAX_SIZE", "0"),
         ("LOW_CONFIDENCE_THRESHOLD", "1.5"),
+        ("LATENCY_BUDGET_MS", "0"),
+        ("LATENCY_BUDGET_MS", "soon"),
+        ("MAX_CONCURRENCY", "0"),
+        ("MAX_QUEUED", "-1"),
     ],
 )
 def test_invalid_values_refuse_to_start(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,50 @@ def test_internals_are_measured_in_seconds(
     assert batch_size.sum == 5
     depth = metrics["mnist.queue.depth"][0].data.data_points[0]
     assert depth.value == 0
+
+
+def test_admission_is_measured_from_the_edges_stamp(
+    observed: tuple[TestClient, InMemoryMetricReader],
+) -> None:
+    client, reader = observed
+    client.app.state.admission.edge_clock.age(time.time())  # type: ignore[attr-defined]
+    stamped = {"X-Request-Start": f"t={time.time() - 0.2:.3f}"}
+    assert client.post("/predict", files=DIGIT, headers=stamped).status_code == 200
+    assert client.post("/predict", files=DIGIT).status_code == 200  # no stamp: no edge wait
+    metrics = collect(reader)
+    edge, _ = metrics["mnist.edge.wait"]
+    assert edge.unit == "s"
+    (point,) = edge.data.data_points
+    assert point.count == 1
+    assert point.sum == pytest.approx(0.2, abs=0.05)
+    wait, _ = metrics["mnist.admission.wait"]
+    assert wait.unit == "s"
+    (point,) = wait.data.data_points
+    assert (point.count, point.sum) == (2, 0.0)  # a free place each time: no wait
+    assert tuple(point.explicit_bounds) == LATENCY_BUCKETS
+    states = {
+        p.attributes["mnist.state"]: p.value
+        for p in metrics["mnist.admission.requests"][0].data.data_points
+    }
+    assert states == {"active": 0, "waiting": 0}
+
+
+def test_admission_refusals_are_counted_by_reason(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "false")
+    reader = InMemoryMetricReader()
+    tight = settings.model_copy(update={"max_concurrency": 1, "max_queued": 0})
+    app = create_app(
+        tight, model_loader=lambda _s: FakeModel(), meter_provider=build_provider("t", [reader])
+    )
+    with TestClient(app) as client:
+        app.state.admission.active = 1  # as if a prediction were being served
+        response = client.post("/predict", files=DIGIT)
+        app.state.admission.active = 0
+    assert response.status_code == 503
+    points = collect(reader)["mnist.rejected"][0].data.data_points
+    assert {p.attributes["mnist.reason"]: p.value for p in points} == {"queue_full": 1}
 
 
 def test_http_duration_uses_stable_conventions_and_millisecond_buckets(
