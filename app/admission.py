@@ -9,16 +9,16 @@ here is part of it. It is refused with 503 and Retry-After, before its body is r
 
 * while it waits, at the moment it could no longer be answered in time (its deadline);
 * on arrival, when it would have to wait and is already too old to be answered in time;
-* on arrival, in an overload (a waiter missed its deadline in the last second), when it is
-  expected to miss its own: the requests ahead of it, served `max_concurrency` at a time in the
-  smoothed service time, would take it past the budget. Refused at once, it holds no
-  connection and its client does not wait for the refusal. Outside an overload nothing is
-  refused on a forecast;
+* on arrival, in an overload (a request missed the budget in the last second): when it is
+  expected to miss it too (the requests ahead of it, served `max_concurrency` at a time in the
+  smoothed service time, would take it past the budget), or is past the budget already, even
+  with a place free. Refused at once, it holds no connection and its client does not wait;
 * on arrival, when `max_queued` requests already wait: a bound on memory, set far above what
   the budget lets wait.
 
-A request that finds a free place is served whatever its age: serving it delays nobody (a
-request that nginx retried after a dead replica's connect timeout is such a request).
+Outside an overload nothing is refused on a forecast, and a request that finds a place free is
+served whatever its age: serving it delays nobody (a request that nginx retried after a dead
+replica's connect timeout is such a request).
 
 This is HAProxy's `maxconn` + queue + `timeout queue`, with the timeout derived from one
 budget; docs/admission.md says why rather than CoDel, adaptive LIFO or an adaptive concurrency
@@ -158,25 +158,28 @@ class Admission:
     async def enter(self, edge_age: float) -> float:
         """Wait for a place for a request `edge_age` seconds old on arrival. Returns the time
         it waited here; raises `Refused` if it cannot be answered within the budget."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # How long it can wait and still be answered in time.
+        patience = self.budget - edge_age - self.service_time
+        # Requests have missed the budget lately: the queue is as long as the budget allows.
+        overloaded = started - self._missed_at < OVERLOAD_WINDOW
         if self.active < self.max_concurrency and not self.waiting:
+            if overloaded and edge_age >= self.budget:  # already late
+                raise self._missed(started)
             self.active += 1
             return 0.0
         if self.waiting >= self.max_queued:
             raise Refused(QUEUE_FULL)
-        # How long it can wait and still be answered in time; how long it is expected to wait:
-        # the requests ahead of it, served `max_concurrency` at a time.
-        patience = self.budget - edge_age - self.service_time
         if patience <= 0:
-            raise Refused(BUDGET)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        if started - self._missed_at < OVERLOAD_WINDOW:
-            # Waiters have missed the budget lately: the queue is as long as the budget allows,
-            # and a request expected to miss it too is refused now, not at its deadline, so
-            # that it holds no connection and costs its client no wait.
+            raise self._missed(started)
+        if overloaded:
+            # A request expected to miss the budget too (the requests ahead of it, served
+            # `max_concurrency` at a time) is refused now, not at its deadline: it holds no
+            # connection, and its client does not wait for the refusal.
             expected = (self.waiting + 1) * self.service_time / self.max_concurrency
             if expected >= patience:
-                raise Refused(BUDGET)
+                raise self._missed(started)
         waiter = _Waiter(loop.create_future())
         waiter.timer = loop.call_at(started + patience, self._expire, waiter)
         self._queue.append(waiter)
@@ -207,6 +210,10 @@ class Admission:
             self._settle(waiter, admitted=True)
             return  # the place goes straight to the waiter: `active` is unchanged
         self.active -= 1
+
+    def _missed(self, now: float) -> Refused:
+        self._missed_at = now
+        return Refused(BUDGET)
 
     def _expire(self, waiter: _Waiter) -> None:
         if not waiter.future.done():

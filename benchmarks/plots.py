@@ -143,12 +143,15 @@ def open_loop(summary: dict[str, Any]) -> Figure:
             "o-",
             label=percentile,
         )
-    saturation = summary["saturation"]["throughput"]
+    saturation = summary["open_saturation"]["throughput"]
+    budget = summary["cluster"]["latency_budget_ms"]
     for axis in (left, right):
-        axis.axvline(saturation, color="gray", linestyle=":", label=f"saturation {saturation:.0f}")
+        axis.axvline(
+            saturation, color="gray", linestyle=":", label=f"open-loop saturation {saturation:.0f}"
+        )
         axis.set_xlabel("offered load, requests/s (open loop, vegeta)")
         axis.grid(True, which="both", alpha=0.3)
-    left.axhline(25, color="tab:red", linestyle="--", alpha=0.5, label="target p99 at 1/2 sat.")
+    left.axhline(budget, color="tab:red", linestyle="--", alpha=0.5, label="latency budget")
     left.set_yscale("log")
     left.set_ylabel("latency of answered requests, ms")
     left.legend(fontsize=8)
@@ -167,8 +170,8 @@ def overload(summary: dict[str, Any]) -> Figure:
     bottom = [0] * len(seconds)
     groups = (
         ("answered (2xx)", "tab:blue", lambda s: s.startswith("2")),
-        ("shed: 503", "tab:orange", lambda s: s == "503"),
-        ("shed: 429", "tab:purple", lambda s: s == "429"),
+        ("refused: 503", "tab:orange", lambda s: s == "503"),
+        ("refused: 429", "tab:purple", lambda s: s == "429"),
         ("other", "tab:red", lambda s: not (s.startswith("2") or s in ("503", "429"))),
     )
     for label, color, match in groups:
@@ -185,15 +188,17 @@ def overload(summary: dict[str, Any]) -> Figure:
     latency.plot(
         seconds, [point["answered_p99_ms"] for point in record["timeline"]], "k.-", label="p99"
     )
-    latency.axhline(250, color="tab:red", linestyle="--", alpha=0.5)
-    latency.set_ylabel("p99 of answered, ms (dashed: target)")
+    latency.axhline(
+        summary["cluster"]["latency_budget_ms"], color="tab:red", linestyle="--", alpha=0.5
+    )
+    latency.set_ylabel("p99 of answered, ms (dashed: the budget)")
     latency.set_ylim(bottom=0)
     axis.legend(loc="upper left", fontsize=8)
     answered = sum(n for s, n in record["statuses"].items() if s.startswith("2"))
     figure.suptitle(
         _title(
             summary,
-            f"Overload at {record['rate']:.0f} req/s (2x saturation): "
+            f"Overload at {record['rate']:.0f} req/s (2x the open-loop saturation): "
             f"{answered / record['requests']:.0%} answered",
         )
     )

@@ -62,7 +62,7 @@ def _targets(summary: dict[str, Any]) -> list[str]:
 
 def _headline(summary: dict[str, Any]) -> list[str]:
     cluster, machine, saturation = summary["cluster"], summary["machine"], summary["saturation"]
-    return [
+    lines = [
         f"{summary['plan']} run of {summary['started']}, {summary['seconds']} s; "
         f"{cluster['replicas']} replicas x {cluster['workers_per_replica']} worker(s), telemetry "
         f"{'on' if cluster['telemetry'] else 'off'}",
@@ -71,7 +71,22 @@ def _headline(summary: dict[str, Any]) -> list[str]:
         f"saturation: {saturation['throughput']:.0f} req/s at {saturation['concurrency']} "
         f"connections; service / ceiling {saturation['ratio_to_ceiling']:.3f} "
         f"(rounds {saturation['ratio_per_round']})",
+        f"open-loop saturation: {summary['open_saturation']['throughput']:.0f} req/s "
+        f"({summary['open_saturation']['of_closed_loop']:.2f} of the closed-loop figure); "
+        f"latency budget {cluster['latency_budget_ms']:.0f} ms",
     ]
+    costs = summary.get("overload_costs")
+    if costs:
+        parts = ", ".join(
+            f"{name} {c['us_per_refusal']} us (an answer: {c['us_per_answer']} us)"
+            for name, c in costs.items()
+            if isinstance(c, dict)
+        )
+        lines.append(
+            f"at 2x: {costs['refused_per_second']} refusals/s, each costing {parts}: "
+            f"{costs['cores_on_refusals']} cores on refusals"
+        )
+    return lines
 
 
 def markdown(summary: dict[str, Any]) -> str:

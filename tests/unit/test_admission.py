@@ -236,6 +236,21 @@ def test_in_an_overload_a_request_expected_to_miss_is_refused_at_once() -> None:
     run(scenario)
 
 
+def test_in_an_overload_a_late_request_is_refused_even_with_a_place_free() -> None:
+    async def scenario() -> None:
+        gate = admission(budget=0.2, max_concurrency=1)
+        await gate.enter(0.0)
+        with pytest.raises(Refused):
+            await gate.enter(0.19)  # a waiter misses its deadline: an overload
+        gate.leave(0.001)
+        with pytest.raises(Refused) as refused:
+            await gate.enter(0.25)  # a place is free, but the request is already late
+        assert refused.value.reason == BUDGET
+        assert await gate.enter(0.1) == 0.0  # one still in time is served
+
+    run(scenario)
+
+
 def test_a_request_already_too_old_to_wait_is_refused_at_once() -> None:
     async def scenario() -> None:
         gate = admission(budget=0.5, max_concurrency=1)
