@@ -121,8 +121,7 @@ class Refused(Exception):
         self.reason = reason
 
 
-# How long after a waiter missed its deadline requests expected to miss theirs are refused at
-# once (s).
+# How long after a request missed the budget the worker counts as overloaded (s).
 OVERLOAD_WINDOW = 1.0
 
 # The labels refusals are counted under (mnist.rejected's mnist.reason).
@@ -152,7 +151,7 @@ class Admission:
         # Time from admission to the answer, smoothed (gain 1/8, as TCP smooths a round trip,
         # RFC 6298).
         self.service_time = 0.0
-        self._missed_at = -OVERLOAD_WINDOW  # when a waiter last missed its deadline
+        self._missed_at = -OVERLOAD_WINDOW  # when a request last missed the budget
         self._queue: deque[_Waiter] = deque()
 
     async def enter(self, edge_age: float) -> float:

@@ -501,40 +501,51 @@ class Bench:
         """One replica on the host with its defaults (2 workers; no collector, so telemetry
         off): what a user of `make serve` meets."""
         self.say("starting one replica on the host (its defaults: 2 workers)")
-        with gunicorn(
+        self.on_host(
+            "replica",
             "app.main:app",
             env={"OTEL_SDK_DISABLED": "true"},
-            log=self.out / "replica.log",
-        ) as server:
-            wrk.run(server.url + "/predict", self.digit, connections=16, seconds=2)
-            for concurrency in self.plan.replica_concurrency:
-                self.closed(
-                    "replica",
-                    server.url,
-                    concurrency=concurrency,
-                    seconds=self.plan.replica_seconds,
-                    replicas=None,
-                    target="replica",
-                    cluster=None,
-                )
+            warm_connections=16,
+            concurrency=self.plan.replica_concurrency,
+            seconds=self.plan.replica_seconds,
+        )
 
     def floor(self) -> None:
         self.say("starting the floor (the naive model.predict server, on the host)")
-        with gunicorn(
+        self.on_host(
+            "floor",
             "benchmarks.baselines.naive:app",
             workers=self.workers,
             env={"OTEL_SDK_DISABLED": "true", "TF_CPP_MIN_LOG_LEVEL": "2"},
-            log=self.out / "floor.log",
-        ) as server:
-            wrk.run(server.url + "/predict", self.digit, connections=2, seconds=2)
-            for concurrency in self.plan.floor_concurrency:
+            warm_connections=2,
+            concurrency=self.plan.floor_concurrency,
+            seconds=self.plan.floor_seconds,
+        )
+
+    def on_host(
+        self,
+        scenario: str,
+        app: str,
+        *,
+        env: dict[str, str],
+        warm_connections: int,
+        concurrency: tuple[int, ...],
+        seconds: float,
+        workers: int | None = None,
+    ) -> None:
+        """Closed-loop runs against `app` under gunicorn on the host (no nginx); gunicorn's
+        own worker count unless `workers` is given."""
+        options = {"workers": workers} if workers is not None else {}
+        with gunicorn(app, env=env, log=self.out / f"{scenario}.log", **options) as server:
+            wrk.run(server.url + "/predict", self.digit, connections=warm_connections, seconds=2)
+            for connections in concurrency:
                 self.closed(
-                    "floor",
+                    scenario,
                     server.url,
-                    concurrency=concurrency,
-                    seconds=self.plan.floor_seconds,
+                    concurrency=connections,
+                    seconds=seconds,
                     replicas=None,
-                    target="floor",
+                    target=scenario,
                     cluster=None,
                 )
 
