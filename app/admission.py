@@ -16,13 +16,17 @@ here is part of it. It is refused with 503 and Retry-After, before its body is r
 * on arrival, when `max_queued` requests already wait: a bound on memory, set far above what
   the budget lets wait.
 
-Outside an overload nothing is refused on a forecast, and a request that finds a place free is
-served whatever its age: serving it delays nobody (a request that nginx retried after a dead
-replica's connect timeout is such a request).
+In an overload the newest waiter gets the next free place (adaptive LIFO), so that those
+answered are answered well within the budget and the oldest reach their deadlines, and the
+deadlines allow for a slow answer, not an average one.
+
+Outside an overload nothing is refused on a forecast, waiters are served in arrival order, and
+a request that finds a place free is served whatever its age: serving it delays nobody (a
+request that nginx retried after a dead replica's connect timeout is such a request).
 
 This is HAProxy's `maxconn` + queue + `timeout queue`, with the timeout derived from one
-budget; docs/admission.md says why rather than CoDel, adaptive LIFO or an adaptive concurrency
-limit.
+budget, and "Fail at Scale"'s adaptive LIFO in an overload; docs/admission.md says why, and
+why not CoDel's short timeouts or an adaptive concurrency limit.
 """
 
 from __future__ import annotations
@@ -148,9 +152,10 @@ class Admission:
         self.edge_clock = edge_clock or EdgeClock()
         self.active = 0  # requests being served
         self.waiting = 0  # requests waiting for a place (live entries of _queue)
-        # Time from admission to the answer, smoothed (gain 1/8, as TCP smooths a round trip,
-        # RFC 6298).
+        # Time from admission to the answer, smoothed, and its mean deviation (gains 1/8 and
+        # 1/4, as TCP smooths a round trip, RFC 6298).
         self.service_time = 0.0
+        self.service_deviation = 0.0
         self._missed_at = -OVERLOAD_WINDOW  # when a request last missed the budget
         self._queue: deque[_Waiter] = deque()
 
@@ -159,10 +164,15 @@ class Admission:
         it waited here; raises `Refused` if it cannot be answered within the budget."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        # How long it can wait and still be answered in time.
-        patience = self.budget - edge_age - self.service_time
         # Requests have missed the budget lately: the queue is as long as the budget allows.
-        overloaded = started - self._missed_at < OVERLOAD_WINDOW
+        overloaded = self._overloaded(started)
+        # How long it can wait and still be answered in time: after the average service, or in
+        # an overload (a starved event loop, slow answers) after a slow one (mean + 4 mean
+        # deviations, as TCP's retransmission timeout covers a slow round trip).
+        service = self.service_time
+        if overloaded:
+            service += 4 * self.service_deviation
+        patience = self.budget - edge_age - service
         if self.active < self.max_concurrency and not self.waiting:
             if overloaded and edge_age >= self.budget:  # already late
                 raise self._missed(started)
@@ -201,14 +211,24 @@ class Admission:
             if self.service_time == 0.0:  # the first measurement
                 self.service_time = service_seconds
             else:
-                self.service_time += (service_seconds - self.service_time) / 8
+                error = service_seconds - self.service_time
+                self.service_deviation += (abs(error) - self.service_deviation) / 4
+                self.service_time += error / 8
+        # In arrival order; in an overload, newest first (adaptive LIFO, "Fail at Scale"): the
+        # oldest would wait out most of the budget before being served, if at all, while the
+        # newest can still be answered well within it. The oldest then reach their deadlines.
+        newest_first = self._queue and self._overloaded(self._queue[0].future.get_loop().time())
+        take = self._queue.pop if newest_first else self._queue.popleft
         while self._queue:
-            waiter = self._queue.popleft()
+            waiter = take()
             if waiter.future.done():  # expired or cancelled: already counted out
                 continue
             self._settle(waiter, admitted=True)
             return  # the place goes straight to the waiter: `active` is unchanged
         self.active -= 1
+
+    def _overloaded(self, now: float) -> bool:
+        return now - self._missed_at < OVERLOAD_WINDOW
 
     def _missed(self, now: float) -> Refused:
         self._missed_at = now

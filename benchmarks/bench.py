@@ -554,7 +554,9 @@ def overload_costs(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     """What the load beyond capacity costs, per refused request, from the overload run against
     the highest open-loop rate answered in full (same generator, same cluster): CPU seconds of
     the replicas, nginx and the generator. Where this is a large share of an answer's cost,
-    refusing takes CPU from answering on a machine that runs them all."""
+    refusing takes CPU from answering on a machine that runs them all. (The replicas' figure
+    is a floor: in an overload their batches are larger and each answer cheaper, which hides
+    what the refusals cost them; it reads 0 where the saving is the larger.)"""
     overload = next((r for r in records if r["scenario"] == "overload"), None)
     full = [
         r

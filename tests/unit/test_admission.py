@@ -165,6 +165,29 @@ def test_waiters_get_places_in_arrival_order() -> None:
     run(scenario)
 
 
+def test_in_an_overload_the_newest_waiter_is_served_first() -> None:
+    async def scenario() -> None:
+        gate = admission(budget=0.5, max_concurrency=1)
+        await gate.enter(0.0)
+        with pytest.raises(Refused):
+            await gate.enter(0.49)  # misses its deadline: an overload
+        order: list[int] = []
+
+        async def wait(n: int) -> None:
+            await gate.enter(0.0)
+            order.append(n)
+
+        tasks = [asyncio.create_task(wait(n)) for n in range(3)]
+        await asyncio.sleep(0)
+        for _ in range(3):
+            gate.leave(0.001)
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+        assert order == [2, 1, 0]
+
+    run(scenario)
+
+
 def test_a_waiter_is_refused_when_it_can_no_longer_be_answered_in_time() -> None:
     async def scenario() -> None:
         gate = admission(budget=0.2, max_concurrency=1)
