@@ -27,7 +27,7 @@ Instruments (Prometheus names, after the collector's translation, in brackets):
 * mnist.queue.depth: images waiting for inference in this worker (a gauge)
 * mnist.rejected: requests refused, by reason: budget (could not be answered within the latency
   budget), queue_full (the admission queue's safety bound), inference_queue_full, not_ready,
-  or a bad input's kind
+  shutting_down, or a bad input's kind
 """
 
 from __future__ import annotations

@@ -30,11 +30,13 @@ def settled_total(stack: Stack) -> float:
 
     def stable() -> tuple[float] | None:
         previous.append(total_predictions(stack))
-        if len(previous) >= 3 and previous[-1] == previous[-2] == previous[-3]:
+        # Unchanged for 12 s: longer than an export (5 s) and a scrape (5 s) together, so that
+        # no prediction already made is still on its way.
+        if len(previous) >= 5 and len(set(previous[-5:])) == 1:
             return (previous[-1],)  # a tuple: truthy even when the total is 0
         return None
 
-    (total,) = wait_for(stable, timeout=90, interval=3, what="the counter to settle")
+    (total,) = wait_for(stable, timeout=120, interval=3, what="the counter to settle")
     return total
 
 
