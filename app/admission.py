@@ -217,7 +217,7 @@ class Admission:
         # In arrival order; in an overload, newest first (adaptive LIFO, "Fail at Scale"): the
         # oldest would wait out most of the budget before being served, if at all, while the
         # newest can still be answered well within it. The oldest then reach their deadlines.
-        newest_first = self._queue and self._overloaded(self._queue[0].future.get_loop().time())
+        newest_first = self._queue and self._overloaded(asyncio.get_running_loop().time())
         take = self._queue.pop if newest_first else self._queue.popleft
         while self._queue:
             waiter = take()
