@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Make every image of the stack runnable on this machine: use the official image when it is present
-# or can be pulled, otherwise build a local stand-in from Debian packages (and, for the OpenTelemetry
-# Collector, from the Go module proxy) and point compose at it.
+# or can be pulled, otherwise, only where its registry cannot be reached at all, build a local
+# stand-in from Debian packages (and, for the OpenTelemetry Collector, from the Go module proxy) and
+# point compose at it. A registry that answers with an error (a tag that does not exist, a refused
+# login, a rate limit) stops the run with that error: it is not a reason for a stand-in.
 #
 #   eval "$(scripts/engine.sh)" && eval "$(scripts/standins.sh)"
 #
@@ -22,7 +24,9 @@
 #                          otelcol: rebuild the collector binary too) even if cached
 #   STANDINS_FORCE=1       use stand-ins even where the official image is available
 #   STANDINS_PULL=0        do not try `docker pull` (only images already present count as available)
-#   STANDINS_PULL_TIMEOUT  seconds allowed for one `docker pull` attempt (default 30)
+#   STANDINS_REGISTRY_TIMEOUT  seconds a `docker pull` may go without a word before its registry
+#                          counts as unreachable (default 120); once the registry answers, a pull
+#                          takes as long as it takes
 #   STANDINS_DEBIAN_MIRROR Debian mirror for debootstrap and apt (default http://deb.debian.org/debian)
 set -euo pipefail
 shopt -s inherit_errexit  # command substitutions fail like the rest of the script
@@ -38,7 +42,7 @@ readonly STANDIN_REPO=localhost/mnist-standin
 readonly INPUTS_LABEL=org.mnist-standin.inputs
 readonly DEBIAN_MIRROR="${STANDINS_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 readonly DEBIAN_SECURITY_MIRROR="${DEBIAN_MIRROR%/debian}/debian-security"
-readonly PULL_TIMEOUT="${STANDINS_PULL_TIMEOUT:-30}"
+readonly REGISTRY_TIMEOUT="${STANDINS_REGISTRY_TIMEOUT:-120}"
 readonly REBUILD="${STANDINS_REBUILD:-}"
 readonly HOST_CA_DIR=/usr/local/share/ca-certificates
 readonly HOST_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt
@@ -109,7 +113,8 @@ image_label() {
 
 # True when the official image TAG can be used: it is present under an official name (podman may
 # resolve a short name like nginx:1.30.6 to any local image whose name ends in /nginx:1.30.6, such
-# as a stand-in, so the names are checked), or a quick `docker pull` gets it.
+# as a stand-in, so the names are checked), or `docker pull` gets it. False only when its registry
+# cannot be reached; any other pull failure stops the run.
 official_available() {
   local tag="$1" names
   if [ "${STANDINS_FORCE:-0}" = 1 ]; then
@@ -120,11 +125,67 @@ official_available() {
     return 0
   fi
   [ "${STANDINS_PULL:-1}" = 0 ] && return 1
-  log "${tag}: not present; trying docker pull (${PULL_TIMEOUT}s at most)"
-  if timeout "${PULL_TIMEOUT}" docker pull -q "${tag}" >/dev/null 2>&1; then
+  pull_official "${tag}"
+}
+
+# The registry host of an image reference (docker.io for Docker Hub's short names).
+registry_of() {
+  local first="${1%%/*}"
+  if [[ "$1" == */* && ("${first}" == *.* || "${first}" == *:* || "${first}" == localhost) ]]; then
+    printf '%s\n' "${first}"
+  else
+    printf 'docker.io\n'
+  fi
+}
+
+# Pull errors that mean the registry was not reached at all (DNS, routing, a dead proxy, TLS that
+# never completes), as opposed to an answer from it.
+readonly UNREACHABLE_ERRORS='no such host|name resolution|server misbehaving|connection refused|network is unreachable|no route to host|i/o timeout|TLS handshake timeout|context deadline exceeded|Client\.Timeout exceeded|proxyconnect'
+
+# Registries found unreachable in this run, with why: each is tried once.
+declare -A UNREACHABLE=()
+
+# Pulls TAG with no time limit once its registry answers. Fails (for a stand-in) only when the
+# registry cannot be reached: a pull error of that kind, or no word at all for REGISTRY_TIMEOUT
+# seconds. Any other failure stops the run with the engine's error.
+pull_official() {
+  local tag="$1" registry output pid started="${SECONDS}" status=0 error
+  registry="$(registry_of "${tag}")"
+  if [ -n "${UNREACHABLE[${registry}]+set}" ]; then
+    return 1
+  fi
+  log "${tag}: not present; pulling it"
+  output="$(mktemp)"
+  docker pull "${tag}" >"${output}" 2>&1 &
+  pid=$!
+  while kill -0 "${pid}" 2>/dev/null; do
+    if [ ! -s "${output}" ] && [ $((SECONDS - started)) -ge "${REGISTRY_TIMEOUT}" ]; then
+      kill "${pid}" 2>/dev/null || true
+      wait "${pid}" 2>/dev/null || true
+      rm -f "${output}"
+      UNREACHABLE[${registry}]="no answer in ${REGISTRY_TIMEOUT}s"
+      log "${registry}: no answer to \`docker pull ${tag}\` in ${REGISTRY_TIMEOUT}s: it cannot be" \
+        "reached from here, so stand-ins are built (STANDINS_REGISTRY_TIMEOUT to wait longer)"
+      return 1
+    fi
+    sleep 0.2
+  done
+  wait "${pid}" || status=$?
+  if [ "${status}" = 0 ]; then
+    rm -f "${output}"
+    log "${tag}: pulled in $((SECONDS - started))s"
     return 0
   fi
-  return 1
+  error="$(sed '/^[[:space:]]*$/d' "${output}" | tail -n 1)"
+  rm -f "${output}"
+  if grep -Eqi -- "${UNREACHABLE_ERRORS}" <<<"${error}"; then
+    UNREACHABLE[${registry}]="${error}"
+    log "${registry} cannot be reached from here (${error}): stand-ins are built for its images"
+    return 1
+  fi
+  die "\`docker pull ${tag}\` failed: ${error}" \
+    "-- the registry answered, so no stand-in is built: check the tag in .env (or docker login)," \
+    "or set STANDINS_FORCE=1 to build stand-ins all the same"
 }
 
 # The stand-in tag for an official tag: localhost/mnist-standin/<last path part>:<tag>.
@@ -251,7 +312,7 @@ tweak_rootfs() {
   local root="$1" suite="$2"
   if [ "${suite}" = sid ]; then
     printf 'deb %s sid main\n' "${DEBIAN_MIRROR}" >"${root}/etc/apt/sources.list"
-    # sid's Release file is served past its Valid-Until here (see shared/ENVIRONMENT.md).
+    # Mirrors may serve sid's Release file past its Valid-Until (seen on the build machines).
     printf 'Acquire::Check-Valid-Until "false";\n' >"${root}/etc/apt/apt.conf.d/99mnist-no-check-valid-until"
   else
     cat >"${root}/etc/apt/sources.list" <<EOF

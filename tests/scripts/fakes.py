@@ -55,12 +55,12 @@ class FakeTools:
         return self.log.read_text().splitlines()
 
     def run_script(
-        self, script: str, setup: str = "", timeout: float = 60, **env: str
+        self, script: str, setup: str = "", call: str = "main", timeout: float = 60, **env: str
     ) -> subprocess.CompletedProcess[str]:
         """Source scripts/SCRIPT, run SETUP (bash: override its arrays or functions), then
-        its main; the completed process."""
+        CALL (its main by default); the completed process."""
         source = REPO / "scripts" / script
-        program = f'source "{source}"\n{setup}\nmain\n'
+        program = f'source "{source}"\n{setup}\n{call}\n'
         return subprocess.run(
             ["bash", "-c", program],
             cwd=REPO,
