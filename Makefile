@@ -6,6 +6,7 @@
 #   make bench     the standard scenarios against the running cluster (BENCH_QUICK=1: ~1.5 min)
 #   make bench-replica  one replica vs its no-model ceiling, with wrk
 #   make up [REPLICAS=3] / make scale REPLICAS=5 / make logs / make down   the compose stack
+#   make grafana-password   Grafana's admin password (user admin), generated on its first start
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -16,7 +17,7 @@ STAMP := $(VENV)/.installed
 
 REPLICAS ?= $(shell sed -n 's/^REPLICAS=//p' .env)
 
-.PHONY: install lock test test-unit lint train serve bench bench-replica up scale down logs clean
+.PHONY: install lock test test-unit lint train serve bench bench-replica up scale down logs grafana-password clean
 
 install: $(STAMP)
 
@@ -72,6 +73,9 @@ down:
 
 logs:
 	scripts/cluster.sh logs
+
+grafana-password:
+	@scripts/cluster.sh grafana-password
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -17,6 +17,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from benchmarks.servers import REPO
@@ -103,6 +104,7 @@ class Cluster:
 
     env: dict[str, str]
     files: tuple[str, ...] = ()
+    root: Path = REPO  # the checkout whose compose.yaml and .env it runs
     project: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -114,7 +116,7 @@ class Cluster:
             options = ["-f", "compose.yaml", *options]
         completed = subprocess.run(
             ["docker", "compose", *options, *args],
-            cwd=REPO,
+            cwd=self.root,
             env=self.env,
             capture_output=True,
             text=True,

@@ -40,8 +40,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/integration/" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
-    # The benchmark smoke test loads the stack hard and scales it: it runs last.
-    items.sort(key=lambda item: Path(str(item.fspath)).name == "test_bench.py")
+    # The fresh checkout's stack runs first, alone (before the session's stack starts); the
+    # benchmark smoke test loads the session's stack hard and scales it: it runs last.
+    order = {"test_fresh_clone.py": -1, "test_bench.py": 1}
+    items.sort(key=lambda item: order.get(Path(str(item.fspath)).name, 0))
 
 
 def wait_for(
