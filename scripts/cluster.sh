@@ -22,7 +22,7 @@ die() { printf 'cluster: error: %s\n' "$*" >&2; exit 1; }
 # Collector 10001, Grafana 472) and read the repository's files: config through bind mounts, the
 # app and model through the image, whose COPY keeps each file's mode. A checkout made under a
 # umask such as 077 leaves them unreadable to those users: name them, with the fix.
-readonly CONTAINER_READ=(app model requirements nginx prometheus otel-collector grafana)
+readonly CONTAINER_READ=(app model requirements nginx web prometheus otel-collector grafana)
 check_readable() {
   local unreadable
   unreadable="$(find "${CONTAINER_READ[@]}" -name __pycache__ -prune -o \
@@ -72,6 +72,7 @@ print_urls() {
   port="$(env_value HTTP_PORT)"
   cat >&2 <<MSG
 
+  Draw a digit                      http://localhost:${port}/
   API (the one public entry point)  http://localhost:${port}/predict   docs: http://localhost:${port}/docs
   Prometheus (loopback only)        http://127.0.0.1:$(env_value PROMETHEUS_PORT || true)
   Try it:  curl -F file=@digit.png http://localhost:${port}/predict

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Command-line load generators the benchmarks use; idempotent and quick when they are there.
-#   wrk     closed-loop load (system package: apt-get or brew)
-#   vegeta  open-loop, constant-rate load (built with Go from the module proxy into .venv/bin,
-#           pinned; or brew)
+# Command-line tools the tests and benchmarks use; idempotent and quick when they are there.
+#   wrk       closed-loop load (system package: apt-get or brew)
+#   vegeta    open-loop, constant-rate load (built with Go from the module proxy into .venv/bin,
+#             pinned; or brew)
+#   chromium  the browser the web page's test drives through Playwright (system package: apt-get;
+#             elsewhere any Chromium or Chrome on PATH, CHROMIUM=/path, or `playwright install
+#             chromium`)
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,5 +33,17 @@ if ! command -v vegeta >/dev/null && [ ! -x "$REPO_ROOT/.venv/bin/vegeta" ]; the
     brew install vegeta
   else
     echo "warning: vegeta missing (needs Go or brew); the open-loop benchmarks need it" >&2
+  fi
+fi
+
+if [ -z "${CHROMIUM:-}" ] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null \
+  && ! command -v google-chrome >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    echo "installing chromium with apt-get (for the web page's browser test)" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "warning: no Chromium on PATH: the web page's browser test needs one (apt-get install" \
+      "chromium, CHROMIUM=/path/to/chrome, or .venv/bin/playwright install chromium)" >&2
   fi
 fi
