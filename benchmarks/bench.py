@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import io
 import json
 import os
 import platform
@@ -36,19 +35,15 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from PIL import Image
-
-from benchmarks import vegeta, wrk
-from benchmarks.cluster import Cluster, engine_env, engine_get, poll
-from benchmarks.servers import REPO, gunicorn, wait_ready
-from tests import uploads
-from tests.mnist_slice import load_test_slice
+from harness import vegeta, wrk
+from harness.cluster import Cluster, engine_env, engine_get, poll
+from harness.payloads import payloads
+from harness.servers import REPO, gunicorn, wait_ready
 
 
 @dataclass(frozen=True)
@@ -115,27 +110,38 @@ TARGET_OVERLOAD_GOODPUT = 0.9  # at twice the open-loop saturation, of that satu
 DELIBERATE = ("503", "429")
 
 
-def digit(index: int = 0) -> uploads.Digit:
-    images, _ = load_test_slice()
-    return np.asarray(images[index], np.float32)
+@dataclass
+class Record:
+    """One measured run, as summary.json keeps it."""
 
+    scenario: str
+    target: str
+    generator: str
+    payload: str
+    replicas: int | None
+    workers_per_replica: int
+    concurrency: int | None
+    rate: float | None
+    seconds: float
+    requests: int
+    statuses: dict[str, int]
+    errors_by_status: dict[str, int]
+    throughput: float
+    latency_ms: dict[str, float]
+    cpu_seconds: dict[str, float] | None
+    generator_cpu_seconds: float | None
+    # Open loop only (vegeta).
+    fraction_of_saturation: float | None = None
+    sent_rate: float | None = None
+    answered_latency_ms: dict[str, float] | None = None
+    timeline: list[dict[str, Any]] | None = None
 
-def payloads() -> dict[str, wrk.Payload]:
-    """The payload mix: an MNIST digit as users of the seed sent it, a phone photo of it cut
-    down to 200x200, and an RGBA canvas drawing, as a browser exports it."""
-    rng = np.random.default_rng(5)
-    photo = Image.open(io.BytesIO(uploads.phone_photo(digit(), rng)))
-    buffer = io.BytesIO()
-    photo.resize((200, 200)).save(buffer, "JPEG", quality=85)
-    return {
-        "png-28x28": wrk.Payload.multipart(uploads.mnist_png(digit(), rng), "digit.png"),
-        "jpeg-photo-200x200": wrk.Payload.multipart(
-            buffer.getvalue(), "photo.jpg", mime="image/jpeg"
-        ),
-        "png-canvas-280x280": wrk.Payload.multipart(
-            uploads.canvas_rgba(digit(), rng), "canvas.png"
-        ),
-    }
+    def as_dict(self) -> dict[str, Any]:
+        record = asdict(self)
+        if self.generator != "vegeta":
+            for name in ("fraction_of_saturation", "sent_rate", "answered_latency_ms", "timeline"):
+                del record[name]
+        return record
 
 
 def machine(env: dict[str, str]) -> dict[str, Any]:
@@ -237,24 +243,24 @@ class Bench:
         )
         errors = {s: n for s, n in result.statuses.items() if not s.startswith("2")}
         errors.update({k: n for k, n in result.errors.items() if k != "status" and n})
-        record = {
-            "scenario": scenario,
-            "target": target,
-            "generator": "wrk",
-            "payload": payload,
-            "replicas": replicas,
-            "workers_per_replica": self.workers,
-            "concurrency": concurrency,
-            "rate": None,
-            "seconds": result.seconds,
-            "requests": result.requests,
-            "statuses": result.statuses,
-            "errors_by_status": errors,
-            "throughput": round(result.throughput, 1),
-            "latency_ms": result.latency_ms,
-            "cpu_seconds": self._cpu_delta(cluster, before),
-            "generator_cpu_seconds": result.generator_cpu_seconds,
-        }
+        record = Record(
+            scenario=scenario,
+            target=target,
+            generator="wrk",
+            payload=payload,
+            replicas=replicas,
+            workers_per_replica=self.workers,
+            concurrency=concurrency,
+            rate=None,
+            seconds=result.seconds,
+            requests=result.requests,
+            statuses=result.statuses,
+            errors_by_status=errors,
+            throughput=round(result.throughput, 1),
+            latency_ms=result.latency_ms,
+            cpu_seconds=self._cpu_delta(cluster, before),
+            generator_cpu_seconds=result.generator_cpu_seconds,
+        ).as_dict()
         self.records.append(record)
         self.say(
             f"{scenario:9s} {target:8s} {payload:18s} replicas={replicas or '-'} "
@@ -271,28 +277,28 @@ class Bench:
         result = vegeta.run(self.url + "/predict", self.digit, rate=rate, seconds=seconds)
         cpu = self._cpu_delta(self.cluster, before)
         errors = {s: n for s, n in result.statuses.items() if not s.startswith("2")}
-        record = {
-            "scenario": scenario,
-            "target": "service",
-            "generator": "vegeta",
-            "payload": "png-28x28",
-            "replicas": replicas,
-            "workers_per_replica": self.workers,
-            "concurrency": None,
-            "rate": round(rate, 1),
-            "fraction_of_saturation": fraction,
-            "sent_rate": result.sent_rate,
-            "seconds": result.seconds,
-            "requests": result.requests,
-            "statuses": result.statuses,
-            "errors_by_status": errors,
-            "throughput": result.throughput,
-            "latency_ms": result.latency_ms,
-            "answered_latency_ms": result.answered_latency_ms,
-            "timeline": result.timeline,
-            "cpu_seconds": cpu,
-            "generator_cpu_seconds": result.generator_cpu_seconds,
-        }
+        record = Record(
+            scenario=scenario,
+            target="service",
+            generator="vegeta",
+            payload="png-28x28",
+            replicas=replicas,
+            workers_per_replica=self.workers,
+            concurrency=None,
+            rate=round(rate, 1),
+            fraction_of_saturation=fraction,
+            sent_rate=result.sent_rate,
+            seconds=result.seconds,
+            requests=result.requests,
+            statuses=result.statuses,
+            errors_by_status=errors,
+            throughput=result.throughput,
+            latency_ms=result.latency_ms,
+            answered_latency_ms=result.answered_latency_ms,
+            timeline=result.timeline,
+            cpu_seconds=cpu,
+            generator_cpu_seconds=result.generator_cpu_seconds,
+        ).as_dict()
         self.records.append(record)
         answered = result.answered_latency_ms
         self.say(

@@ -33,9 +33,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import wrk
-from benchmarks.bench import payloads
-from benchmarks.servers import REPO, Server, gunicorn
+from harness import wrk
+from harness.payloads import payloads
+from harness.servers import REPO, Server, gunicorn
 
 SERVICE = "service"
 MODEL_ONLY = "model-only"
@@ -78,7 +78,11 @@ def median_ratio(values: list[float | None]) -> dict[str, Any] | None:
     return {"median": round(statistics.median(known), 3), "per_round": [round(v, 3) for v in known]}
 
 
-def main() -> None:
+Runs = dict[str, list[dict[str, Any]]]
+Ratios = dict[str, list[float | None]]
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -98,9 +102,11 @@ def main() -> None:
         "to split its cost beyond the ceiling into batching, inference and preprocessing",
     )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    payload = payloads()["png-28x28"]  # the same upload make bench sends
+
+def servers_to_compare(args: argparse.Namespace) -> dict[str, tuple[str, dict[str, str]]]:
+    """Each server by name: its ASGI app and the environment it runs with."""
     off = {"OTEL_SDK_DISABLED": "true"}  # otherwise the settings as shipped
     apps = {
         SERVICE: ("app.main:app", off),
@@ -116,8 +122,17 @@ def main() -> None:
         apps[MODEL_ONLY] = ("benchmarks.baselines.modelonly:app", off)
     if args.naive:
         apps["naive"] = ("benchmarks.baselines.naive:app", off)
-    out_dir = args.out / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-replica"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return apps
+
+
+def measure(
+    args: argparse.Namespace,
+    apps: dict[str, tuple[str, dict[str, str]]],
+    payload: wrk.Payload,
+    out_dir: Path,
+) -> tuple[Runs, Ratios, Ratios, wrk.Result]:
+    """Every round: each server's runs, the per-round throughput and CPU ratios of each
+    against the service, and the service's one-connection latency."""
 
     def seconds(name: str) -> float:
         # The naive server answers ~30 req/s: a few seconds of it say all there is.
@@ -166,6 +181,17 @@ def main() -> None:
                 )
         single = wrk.run(servers[SERVICE].url + "/predict", payload, connections=1, seconds=5)
 
+    return runs, throughput, cpu, single
+
+
+def summarise(
+    args: argparse.Namespace,
+    apps: dict[str, tuple[str, dict[str, str]]],
+    runs: Runs,
+    throughput: Ratios,
+    cpu: Ratios,
+    single: wrk.Result,
+) -> dict[str, Any]:
     def med(name: str, key: str) -> float | None:
         values = [r[key] for r in runs[name] if r[key] is not None]
         return round(statistics.median(values), 1) if values else None
@@ -180,8 +206,8 @@ def main() -> None:
         "median_rps": {name: med(name, "rps") for name in apps},
         "median_cpu_us_per_answer": cpu_medians,
         "errors": {name: sum(r["failed"] for r in runs[name]) for name in apps},
-        # Throughput of the service over the other server's (the issue's figures: service /
-        # no-model, and telemetry on / off = service+otel / service).
+        # Throughput of the service over the other server's: service / no-model, and
+        # telemetry on / off (service+otel / service).
         "ratio_service_to_no_model": median_ratio(
             [1 / r if r else None for r in throughput["no-model"]]
         ),
@@ -209,14 +235,16 @@ def main() -> None:
         "one_connection": single.as_dict(),
         "runs": runs,
     }
-    (out_dir / "replica.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
+
+def print_summary(args: argparse.Namespace, summary: dict[str, Any], single: wrk.Result) -> None:
     print()
     print(
         f"{summary['mode']}, {args.rounds} rounds of {args.seconds:.0f} s, {args.workers} workers"
     )
     print(f"{'server':13s} {'median req/s':>12s} {'CPU us/answer':>14s} {'errors':>7s}")
-    for name in apps:
+    for name in summary["median_rps"]:
         cpu_us = summary["median_cpu_us_per_answer"][name]
         print(
             f"{name:13s} {summary['median_rps'][name]:12.1f} "
@@ -250,6 +278,18 @@ def main() -> None:
         f"one connection: p50 {single.latency_ms['p50']:.2f} ms, "
         f"p99 {single.latency_ms['p99']:.2f} ms, {single.rps:.0f} req/s"
     )
+
+
+def main() -> None:
+    args = parse_args()
+    payload = payloads()["png-28x28"]  # the same upload make bench sends
+    apps = servers_to_compare(args)
+    out_dir = args.out / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-replica"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs, throughput, cpu, single = measure(args, apps, payload, out_dir)
+    summary = summarise(args, apps, runs, throughput, cpu, single)
+    (out_dir / "replica.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print_summary(args, summary, single)
     print(f"written: {out_dir / 'replica.json'}")
 
 

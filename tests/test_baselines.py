@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from benchmarks import wrk
-from benchmarks.bench import payloads
-from benchmarks.servers import gunicorn
+from harness import wrk
+from harness.payloads import payloads
+from harness.servers import gunicorn
 
 ENV = {"OTEL_SDK_DISABLED": "true"}
 

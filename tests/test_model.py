@@ -12,8 +12,8 @@ import pytest
 from app.config import Settings
 from app.inference.runtime import LiteRTModel, ModelLoadError, load_model
 from app.preprocessing import normalize_digit, preprocess
-from tests.mnist_slice import load_test_slice
-from tests.uploads import KINDS, make
+from harness.mnist_slice import load_test_slice
+from harness.uploads import KINDS, make
 
 MODEL_DIR = Path(__file__).resolve().parent.parent / "model"
 PER_KIND = 150
@@ -127,3 +127,10 @@ def test_tensorflow_runtime_agrees_with_litert(
     keras = tf_model.predict(digits[:32])
     assert (litert.argmax(axis=1) == keras.argmax(axis=1)).mean() >= 0.97
     np.testing.assert_allclose(litert, keras, atol=0.05)
+
+
+def test_the_model_card_is_rendered_from_its_metrics() -> None:
+    from model import card
+
+    metrics = json.loads((MODEL_DIR / "metrics.json").read_text())
+    assert (MODEL_DIR / "MODEL_CARD.md").read_text() == card.render(metrics)

@@ -8,9 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from benchmarks.servers import gunicorn
-from tests.conftest import digit_image, png_bytes
-from tests.integration.conftest import multipart
+from harness.servers import gunicorn
+from tests.helpers import digit_image, multipart, png_bytes
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from benchmarks.cluster import Cluster, poll
-from benchmarks.cluster import engine_env as cluster_env
-from benchmarks.wrk import Payload
-from tests.conftest import digit_image, png_bytes
+from harness.cluster import Cluster, poll
+from harness.cluster import engine_env as cluster_env
+from tests.helpers import digit_image, multipart, png_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = "mnist-test"
@@ -82,14 +81,14 @@ class Stack(Cluster):
         assert body["status"] == "success", body
         return body["data"]
 
-    def prometheus(self, query: str) -> list[dict[str, object]]:
+    def prometheus(self, query: str) -> list[dict[str, Any]]:
         """The result vector of an instant PromQL query."""
-        result: list[dict[str, object]] = self.prometheus_api("query", query=query)["result"]
+        result: list[dict[str, Any]] = self.prometheus_api("query", query=query)["result"]
         return result
 
     def scalar(self, query: str) -> float | None:
         result = self.prometheus(query)
-        return float(result[0]["value"][1]) if result else None  # type: ignore[index]
+        return float(result[0]["value"][1]) if result else None
 
     def ensure_replicas(self, count: int) -> None:
         try:
@@ -115,11 +114,6 @@ class Stack(Cluster):
             )
         finally:
             connection.close()
-
-
-def multipart(data: bytes, field: str = "file", filename: str = "digit.png") -> tuple[bytes, str]:
-    payload = Payload.multipart(data, filename, field=field)
-    return payload.body, payload.content_type
 
 
 DIGIT_BODY, DIGIT_TYPE = multipart(png_bytes(digit_image()))

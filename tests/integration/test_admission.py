@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from benchmarks import wrk
+from harness import wrk
 from tests.integration.conftest import (
     DIGIT_BODY,
     DIGIT_TYPE,

@@ -118,7 +118,7 @@ def test_quick_bench_measures_every_scenario(stack: Stack, tmp_path: Path) -> No
         assert png.startswith(b"\x89PNG\r\n\x1a\n"), name
         assert len(png) > 10_000, name
     assert "| scenario |" in (run / "report.md").read_text()
-    # ~90 s here; the issue asks for under 2 minutes, and a noisy machine gets some slack.
+    # ~90 s here; the quick run is meant to take under 2 minutes, with slack for a noisy machine.
     assert summary["seconds"] < 180, "BENCH_QUICK should take under 2 minutes"
 
     # Left as found: the replica count, and nginx as it ran (the ceiling: above).

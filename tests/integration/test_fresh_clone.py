@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.cluster import Cluster
+from harness.cluster import Cluster
 from tests.integration.conftest import DIGIT_BODY, DIGIT_TYPE, engine_env, wait_for
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,11 +10,13 @@ import re
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
-from tests.conftest import png_bytes
-from tests.integration.conftest import REPLICAS, Stack, multipart, predict, wait_for
+from tests.helpers import multipart, png_bytes
+from tests.integration.conftest import REPLICAS, Stack, predict, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((REPO / "grafana" / "dashboards").glob("*.json"))
@@ -144,7 +146,7 @@ def test_dashboards_are_generated_from_their_source() -> None:
 def test_every_dashboard_panel_returns_data(stack: Stack) -> None:
     # Traffic of every kind the dashboards show: good uploads, a blank one (low confidence),
     # bad ones (rejections).
-    blank_body, blank_type = multipart(png_bytes(__import__("numpy").zeros((28, 28))))
+    blank_body, blank_type = multipart(png_bytes(np.zeros((28, 28))))
     bad_body, bad_type = multipart(b"not an image")
     for _ in range(20):
         predict(stack)
@@ -227,6 +229,6 @@ def test_replica_missing_alert_fires(stack: Stack) -> None:
     stack.ensure_replicas(REPLICAS)
 
 
-def alerts(stack: Stack) -> list[dict[str, dict[str, str]]]:
-    found: list[dict[str, dict[str, str]]] = stack.prometheus_api("alerts")["alerts"]
+def alerts(stack: Stack) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = stack.prometheus_api("alerts")["alerts"]
     return found

@@ -10,13 +10,13 @@ import json
 import time
 from collections import Counter
 
+from tests.helpers import multipart
 from tests.integration.conftest import (
     DIGIT_BODY,
     DIGIT_TYPE,
     REPLICAS,
     Load,
     Stack,
-    multipart,
     predict,
     wait_for,
 )

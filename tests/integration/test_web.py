@@ -17,17 +17,17 @@ from typing import Any
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from playwright.sync_api import Browser, Playwright, Request, Route, sync_playwright
+from playwright.sync_api import Browser, FilePayload, Playwright, Request, Route, sync_playwright
 
-from benchmarks.strokes import strokes
-from tests.conftest import digit_image, png_bytes
+from harness.mnist_slice import load_test_slice
+from harness.strokes import strokes
+from tests.helpers import digit_image, png_bytes
 from tests.integration.conftest import Stack
-from tests.mnist_slice import load_test_slice
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO / "docs" / "web-page.png"
 NO_DIGIT = "\u2013"  # the page's dash where no digit is shown
-EXTENT = 0.8  # of the canvas, as a person draws (and as benchmarks.strokes measured)
+EXTENT = 0.8  # of the canvas, as a person draws (and as harness.strokes measured)
 
 
 def chromium_path() -> str | None:
@@ -178,7 +178,9 @@ def test_a_picked_file_is_classified(visit: Visit) -> None:
     with visit.page.expect_response(lambda r: r.url.endswith("/predict")) as answer:
         visit.page.set_input_files(
             "#file",
-            files=[{"name": "digit.png", "mimeType": "image/png", "buffer": png_bytes(images[0])}],
+            files=[
+                FilePayload(name="digit.png", mimeType="image/png", buffer=png_bytes(images[0]))
+            ],
         )
     assert answer.value.status == 200
     visit.wait_shown(str(labels[0]))
@@ -198,7 +200,7 @@ def test_the_stacks_errors_are_shown_in_words(
     with visit.page.expect_response(lambda r: r.url.endswith("/predict")) as answer:
         visit.page.set_input_files(
             "#file",
-            files=[{"name": name, "mimeType": "application/octet-stream", "buffer": content}],
+            files=[FilePayload(name=name, mimeType="application/octet-stream", buffer=content)],
         )
     assert answer.value.status in (413, 415)
     status = visit.page.locator("#status")
@@ -225,7 +227,7 @@ def test_refusals_are_shown_with_when_to_retry(visit: Visit, status: int, said: 
     )
     visit.page.set_input_files(
         "#file",
-        files=[{"name": "d.png", "mimeType": "image/png", "buffer": png_bytes(digit_image())}],
+        files=[FilePayload(name="d.png", mimeType="image/png", buffer=png_bytes(digit_image()))],
     )
     visit.page.locator("#status").filter(has_text=said).wait_for()
     visit.clean()

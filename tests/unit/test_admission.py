@@ -25,7 +25,7 @@ from app.admission import (
 )
 from app.config import Settings
 from app.main import create_app
-from tests.conftest import FakeModel, digit_image, png_bytes
+from tests.helpers import FakeModel, digit_image, png_bytes
 
 # -- the stamp ------------------------------------------------------------------------------
 

@@ -14,8 +14,7 @@ from fastapi.testclient import TestClient
 from app.config import Settings
 from app.main import create_app
 from app.preprocessing import normalize_digit
-from tests.conftest import FakeModel, digit_image, png_bytes
-from tests.unit.test_preprocessing import bomb_png
+from tests.helpers import FakeModel, bomb_png, digit_image, png_bytes
 
 DIGIT = png_bytes(digit_image())
 
@@ -268,7 +267,7 @@ def test_overload_is_503_with_retry_after(settings: Settings) -> None:
         assert len(tasks) == 3
 
         async def drained() -> None:
-            await asyncio.gather(*tasks)  # type: ignore[arg-type]
+            await asyncio.gather(*tasks)
 
         client.portal.call(drained)  # type: ignore[union-attr]
         assert client.post("/predict", **upload(DIGIT)).status_code == 200  # type: ignore[arg-type]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from app.config import Settings
+from harness.servers import REPO
 
 
 def test_defaults_are_safe() -> None:
@@ -58,3 +60,18 @@ def test_invalid_values_refuse_to_start(
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_every_variable_the_service_reads_is_in_the_readme() -> None:
+    """The README's configuration tables name every variable app/ reads: the settings class's
+    and those read directly (gunicorn, the health check, telemetry)."""
+    names = {name.upper() for name in Settings.model_fields}
+    for path in (REPO / "app").rglob("*.py"):
+        names |= set(
+            re.findall(r'(?:environ\.get|getenv|_int)\("([A-Z][A-Z0-9_]+)"', path.read_text())
+        )
+    readme = (REPO / "README.md").read_text()
+    configuration = readme[readme.index("## Configuration") : readme.index("## Architecture")]
+    documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", configuration))
+    assert len(names) > 20
+    assert sorted(names - documented) == []

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from app.config import Settings
 from app.main import create_app
 from app.telemetry import LATENCY_BUCKETS, HttpServerMetrics, build_provider, instance_id
-from tests.conftest import FakeModel, digit_image, png_bytes
+from tests.helpers import FakeModel, digit_image, png_bytes
 
 # One MNIST digit as an upload, posted by every test that needs a prediction.
 DIGIT = {"file": ("d.png", png_bytes(digit_image()), "image/png")}
@@ -40,14 +41,14 @@ def collect(reader: InMemoryMetricReader) -> dict[str, Any]:
 @pytest.fixture
 def observed(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> tuple[TestClient, InMemoryMetricReader]:
+) -> Iterator[tuple[TestClient, InMemoryMetricReader]]:
     monkeypatch.setenv("OTEL_SDK_DISABLED", "false")  # the SDK honours it too
     reader = InMemoryMetricReader()
     provider = build_provider("test-1", [reader])
     app = create_app(settings, model_loader=lambda _s: FakeModel(), meter_provider=provider)
     assert HttpServerMetrics in middleware_of(app)
     with TestClient(app) as client:
-        yield client, reader  # type: ignore[misc]
+        yield client, reader
 
 
 def test_predictions_are_counted_by_digit(
@@ -229,7 +230,7 @@ from fastapi.testclient import TestClient
 import app.main
 from app.config import Settings
 from app.telemetry import build_provider
-from tests.conftest import FakeModel, digit_image, png_bytes
+from tests.helpers import FakeModel, digit_image, png_bytes
 
 reader = InMemoryMetricReader()
 metrics.set_meter_provider(build_provider("test-1", [reader]))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from benchmarks.servers import REPO
+from harness.servers import REPO
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """Digits as pen strokes, the way a person draws them on the web page: one template of control
 points per digit, smoothed into curves and varied by a random slant, rotation, size, position and
-wobble. Used to choose the page's canvas and brush (python -m benchmarks.strokes) and by the
+wobble. Used to choose the page's canvas and brush (python -m harness.strokes) and by the
 browser test, which draws them with a real mouse."""
 
 from __future__ import annotations

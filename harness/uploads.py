@@ -6,7 +6,7 @@ scan (black on white, sharp, high resolution), a small digit somewhere on a larg
 specks of dust, an RGBA canvas export with a transparent background and a thick brush, a CMYK
 JPEG, a 16-bit PNG, an animated GIF whose first frame holds the digit. Deterministic for a seed.
 
-`python -m tests.uploads --out DIR` writes a sample of each kind to look at.
+`python -m harness.uploads --out DIR` writes a sample of each kind to look at.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def make(kind: str, digit: Digit, seed: int) -> bytes:
 
 
 def main() -> None:
-    from tests.mnist_slice import load_test_slice
+    from harness.mnist_slice import load_test_slice
 
     parser = argparse.ArgumentParser(description="Write sample uploads of each kind.")
     parser.add_argument("--out", type=Path, required=True)

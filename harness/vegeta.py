@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.wrk import Payload
+from harness.wrk import Payload
 
 TIMEOUT_S = 10
 # On a small machine the generator competes with the system under test for the CPU, and every
