@@ -8,7 +8,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.conftest import REPO
+from harness.servers import REPO
 
 FAKE_DOCKER = Path(__file__).with_name("fake-docker")
 
@@ -55,7 +55,7 @@ class FakeTools:
         return self.log.read_text().splitlines()
 
     def run_script(
-        self, script: str, setup: str = "", call: str = "main", timeout: float = 60, **env: str
+        self, script: str, setup: str = "", call: str = "main", **env: str
     ) -> subprocess.CompletedProcess[str]:
         """Source scripts/SCRIPT, run SETUP (bash: override its arrays or functions), then
         CALL (its main by default); the completed process."""
@@ -67,7 +67,7 @@ class FakeTools:
             env={**self.env, **env},
             capture_output=True,
             text=True,
-            timeout=timeout,
+            timeout=60,
             check=False,
         )
 

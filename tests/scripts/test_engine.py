@@ -192,3 +192,27 @@ def test_only_a_machine_with_no_docker_at_all_takes_the_podman_path(tools: FakeT
     )
     assert result.returncode == 3
     assert "PODMAN PATH" in result.stderr
+
+
+def test_a_probe_finds_a_running_engine_and_never_sets_one_up(tools: FakeTools) -> None:
+    # make down and make logs probe: no podman set-up where no engine runs.
+    result = tools.run_script(
+        "engine.sh",
+        no_docker_here(tools),
+        call="main --probe",
+        FAKE_ENGINE="down",
+        FAKE_COMPOSE="none",
+    )
+    assert result.returncode == 1
+    assert "no container engine is running" in result.stderr
+    assert "PODMAN PATH" not in result.stderr
+    assert no_call(tools, "apt-get", "podman", "pip", "pip3")
+    running = tools.run_script(
+        "engine.sh",
+        no_docker_here(tools),
+        call="main --probe",
+        FAKE_ENGINE="docker",
+        FAKE_COMPOSE="none",
+    )
+    assert running.returncode == 0, running.stderr
+    assert running.stdout == ""

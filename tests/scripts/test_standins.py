@@ -1,6 +1,6 @@
-"""scripts/standins.sh builds a stand-in only where the registry cannot be reached: its pull
-path against a stand-in `docker` CLI whose registry answers quickly, slowly, with an error, or
-not at all."""
+"""scripts/no-docker/standins.sh builds a stand-in only where the registry cannot be reached:
+its pull path against a stand-in `docker` CLI whose registry answers quickly, slowly, with an
+error, or not at all."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def tools(tmp_path: Path) -> FakeTools:
 
 
 def choose(tools: FakeTools, **env: str) -> subprocess.CompletedProcess[str]:
-    return tools.run_script("standins.sh", call=CHOOSE, FAKE_ENGINE="docker", **env)
+    return tools.run_script("no-docker/standins.sh", call=CHOOSE, FAKE_ENGINE="docker", **env)
 
 
 def pulls(tools: FakeTools) -> list[str]:

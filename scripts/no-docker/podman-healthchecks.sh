@@ -13,9 +13,9 @@
 # 2-core machine, checking five containers every 2 s took an eighth of the CPU, in bursts that
 # showed as latency spikes in the benchmarks.
 #
-#   scripts/podman-healthchecks.sh start   start the loop in the background (idempotent)
-#   scripts/podman-healthchecks.sh stop
-#   scripts/podman-healthchecks.sh run     the loop itself, in the foreground
+#   scripts/no-docker/podman-healthchecks.sh start   start the loop in the background (idempotent)
+#   scripts/no-docker/podman-healthchecks.sh stop
+#   scripts/no-docker/podman-healthchecks.sh run     the loop itself, in the foreground
 set -euo pipefail
 
 readonly PIDFILE=/run/podman/mnist-healthchecks.pid
