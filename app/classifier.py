@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from app.config import Settings
-from app.inference.batcher import Batcher, BatchRecord, Overloaded
+from app.inference.batcher import Batcher
 from app.inference.runtime import Model, warm_up
 from app.preprocessing import Digit, ImageError, normalize_digit, open_image, to_grayscale
 from app.schemas import Prediction
@@ -28,26 +28,35 @@ class NotReady(Exception):
     """The model is not loaded and warmed up yet, or the worker is stopping."""
 
 
+Normalize = Callable[[np.ndarray], Digit]
+
+
 class Classifier:
-    def __init__(self, settings: Settings, model: Model, metrics: Metrics | None = None) -> None:
+    """`normalize` turns a decoded grayscale upload into the model's input: the MNIST recipe
+    (`normalize_digit`) unless a baseline measures the service without it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        model: Model,
+        metrics: Metrics,
+        normalize: Normalize = normalize_digit,
+    ) -> None:
         self.settings = settings
         self.model = model
         self.metrics = metrics
+        self.normalize = normalize
         self.ready = False
         self.batcher = Batcher(
             model.predict,
             max_batch_size=settings.batch_max_size,
             max_queue=settings.queue_max_size,
             max_wait=settings.batch_max_wait_ms / 1000.0,
-            on_batch=self._record,
+            on_batch=metrics.record_batch,
         )
         self._pool = ThreadPoolExecutor(
             settings.preprocess_threads, thread_name_prefix="preprocess"
         )
-
-    def _record(self, record: BatchRecord) -> None:
-        if self.metrics is not None:
-            self.metrics.record_batch(record)
 
     async def start(self) -> None:
         """Start the batcher and warm the model up; `ready` turns true once that is done."""
@@ -66,14 +75,13 @@ class Classifier:
         image = open_image(data, max_pixels=self.settings.max_image_pixels)
         width, height = image.size
         if width * height <= self.settings.inline_preprocess_max_pixels:
-            digit = normalize_digit(to_grayscale(image))
+            digit = self.normalize(to_grayscale(image))
         else:
             loop = asyncio.get_running_loop()
             digit = await loop.run_in_executor(
-                self._pool, lambda: normalize_digit(to_grayscale(image))
+                self._pool, lambda: self.normalize(to_grayscale(image))
             )
-        if self.metrics is not None:
-            self.metrics.preprocess.record(time.perf_counter() - started)
+        self.metrics.preprocess.record(time.perf_counter() - started)
         return digit
 
     async def classify(self, data: bytes) -> Prediction:
@@ -84,11 +92,8 @@ class Classifier:
         """Predictions for each upload, in order. Raises for the first bad upload."""
         if not self.ready:
             raise NotReady("the model is loading")
-        if self.batcher.depth + len(uploads) > self.batcher.max_queue:
-            # Shed before preprocessing: under overload a rejection must stay cheap.
-            raise Overloaded(
-                f"the inference queue is full ({self.batcher.depth}/{self.batcher.max_queue})"
-            )
+        # Shed before preprocessing: under overload a rejection must stay cheap.
+        self.batcher.check_room(len(uploads))
         digits = []
         for index, data in enumerate(uploads):
             try:
@@ -113,8 +118,7 @@ class Classifier:
             warning = (
                 f"confidence {confidence:.2f} is below {self.settings.low_confidence_threshold:.2f}"
             )
-        if self.metrics is not None:
-            self.metrics.record_prediction(best, confidence, low)
+        self.metrics.record_prediction(best, confidence, low)
         return Prediction(
             digit=best,
             confidence=confidence,

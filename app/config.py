@@ -94,5 +94,6 @@ class Settings(BaseSettings):
 
 
 @lru_cache
-def get_settings() -> Settings:
+def from_environment() -> Settings:
+    """The settings of this process's environment, read and validated once."""
     return Settings()

@@ -18,9 +18,10 @@ from app.admission import Admission, AdmissionMiddleware
 from app.api import errors
 from app.api.middleware import BodySizeLimitMiddleware, ServedByMiddleware
 from app.api.routes import health, predict
-from app.classifier import Classifier
-from app.config import Settings, get_settings
+from app.classifier import Classifier, Normalize
+from app.config import Settings, from_environment
 from app.inference.runtime import Model, load_model
+from app.preprocessing import normalize_digit
 from app.telemetry import HttpServerMetrics, Metrics, sdk_disabled, start_provider
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,11 @@ def create_app(
     settings: Settings | None = None,
     model_loader: ModelLoader = load_model,
     meter_provider: MeterProvider | None = None,
+    normalize: Normalize = normalize_digit,
 ) -> FastAPI:
-    """The application. `meter_provider` replaces the OTLP-exporting one (tests)."""
-    settings = settings or get_settings()
+    """The application. `meter_provider` replaces the OTLP-exporting one (tests); `normalize`
+    the MNIST preprocessing (a baseline that measures the service without it)."""
+    settings = settings or from_environment()
     telemetry_off = sdk_disabled() and meter_provider is None
     start_global_provider = not telemetry_off and meter_provider is None
     metrics = Metrics(meter_provider)
@@ -46,7 +49,7 @@ def create_app(
         model = await asyncio.to_thread(model_loader, settings)
         # This worker's own MeterProvider, made here, after gunicorn's fork.
         stop_metrics = start_provider(model.info.version) if start_global_provider else None
-        classifier = Classifier(settings, model, metrics)
+        classifier = Classifier(settings, model, metrics, normalize)
         metrics.watch_queue(lambda: classifier.batcher.depth)
         await classifier.start()
         app.state.classifier = classifier

@@ -121,9 +121,8 @@ class Metrics:
             description="Duration of HTTP server requests.",
             explicit_bucket_boundaries_advisory=list(LATENCY_BUCKETS),
         )
-        # Every answer is counted, so this is the hottest instrument: a synchronous counter
-        # costs ~7 us of SDK work per add (attribute hashing, locks), a list increment ~0.1 us.
-        # Index: digit * 2 + low_confidence. Written by the event loop only; read at export.
+        # The hottest instrument, so asynchronous: a list tallied by the event loop, read at
+        # export (docs/design.md#metrics-at-a-small-cost). Index: digit * 2 + low_confidence.
         self._predicted = [0] * 20
         meter.create_observable_counter(
             "mnist.predictions",
@@ -248,12 +247,8 @@ class HttpServerMetrics:
     url.scheme, network.protocol.version, http.route, http.response.status_code, and
     error.type for a 5xx or an exception.
 
-    Why not opentelemetry-instrumentation-fastapi: measured in-process around a trivial route
-    (53 us of CPU per request through FastAPI), it added ~130 us per request: it matches the
-    route a second time, decodes the headers several times over, starts a span even with
-    tracing off, and records four instruments where one is used. Over HTTP, telemetry on cost
-    1.3-1.5x the CPU per answer of telemetry off, against a 10 % budget. This middleware costs a
-    dict lookup and one histogram record.
+    A dict lookup and one histogram record per request: opentelemetry-instrumentation-fastapi
+    costs several times the request itself (docs/design.md#metrics-at-a-small-cost).
     """
 
     def __init__(

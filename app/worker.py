@@ -30,7 +30,7 @@ class CoalescingTransport:
         self._pending: list[bytes] = []
         self._scheduled = False
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         self._pending.append(bytes(data))
         if not self._scheduled:
             self._scheduled = True

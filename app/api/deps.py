@@ -17,10 +17,11 @@ async def get_classifier(request: Request) -> Classifier:
     return classifier
 
 
-async def get_settings(request: Request) -> Settings:
+async def app_settings(request: Request) -> Settings:
+    """The settings the app was created with (not necessarily the environment's: tests)."""
     settings: Settings = request.app.state.settings
     return settings
 
 
 ClassifierDep = Annotated[Classifier, Depends(get_classifier)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(app_settings)]

@@ -133,14 +133,18 @@ class Batcher:
         (result,) = await self.predict_many([pixels])
         return result
 
+    def check_room(self, images: int) -> None:
+        """Raise `Overloaded` unless the queue has room for `images` more."""
+        if len(self._queue) + images > self.max_queue:
+            raise Overloaded(
+                f"the inference queue is full ({len(self._queue)}/{self.max_queue} images)"
+            )
+
     async def predict_many(self, images: Sequence[Pixels]) -> list[Pixels]:
         """Class probabilities for each image; all are admitted to the queue, or none."""
         if self._closing or not self.running:
             raise shutting_down()
-        if len(self._queue) + len(images) > self.max_queue:
-            raise Overloaded(
-                f"the inference queue is full ({len(self._queue)}/{self.max_queue} images)"
-            )
+        self.check_room(len(images))
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         futures = []

@@ -67,14 +67,30 @@ def _read_metrics(model_dir: Path) -> dict[str, Any]:
     return data
 
 
+def batch_sizes(max_batch: int) -> list[int]:
+    """1, 2, 4, ... up to and including `max_batch` (the last may not be a power of two)."""
+    sizes = [1]
+    while sizes[-1] < max_batch:
+        sizes.append(min(sizes[-1] * 2, max_batch))
+    return sizes
+
+
+@dataclass(frozen=True)
+class _Bucket:
+    """One interpreter, allocated for batches of exactly `size`."""
+
+    size: int
+    interpreter: Any
+    input_index: int
+    output_index: int
+
+
 class LiteRTModel:
     """A LiteRT interpreter per batch-size bucket (1, 2, 4, ... max), each allocated once.
 
     Resizing an interpreter's input re-plans its memory, so batches run on these fixed sizes.
-    A batch is split over them (13 = 8 + 4 + 1) rather than padded up to the next one: this
-    model costs LiteRT the same per image at every batch size (57-65 us, measured from 1 to
-    32), so each padded row would be paid in full (a batch of 9 padded to 16 took 1.03 ms,
-    8 + 1 take 0.52 ms).
+    A batch is split over them (13 = 8 + 4 + 1) rather than padded up to the next one, as a
+    padded row costs as much as a real one (docs/design.md#batches-on-fixed-interpreter-sizes).
     """
 
     def __init__(self, path: Path, info: ModelInfo, max_batch: int) -> None:
@@ -82,9 +98,8 @@ class LiteRTModel:
 
         self.info = info
         content = path.read_bytes()
-        self._buckets: list[tuple[int, Any, int, int]] = []
-        size = 1
-        while True:
+        self._buckets: list[_Bucket] = []
+        for size in batch_sizes(max_batch):
             try:
                 interpreter = Interpreter(model_content=content, num_threads=1)
             except (ValueError, RuntimeError) as exc:
@@ -98,23 +113,18 @@ class LiteRTModel:
                 )
             interpreter.resize_tensor_input(inp["index"], [size, *INPUT_SHAPE])
             interpreter.allocate_tensors()
-            self._buckets.append((size, interpreter, inp["index"], out["index"]))
-            if size >= max_batch:
-                break
-            size = min(size * 2, max_batch)
+            self._buckets.append(_Bucket(size, interpreter, inp["index"], out["index"]))
 
     def predict(self, batch: Batch) -> Batch:
         results = []
         start, n = 0, len(batch)
         while start < n:
             # The largest bucket that the rest fills; the 1-bucket ends any remainder.
-            size, interpreter, index_in, index_out = next(
-                b for b in reversed(self._buckets) if b[0] <= n - start
-            )
-            interpreter.set_tensor(index_in, batch[start : start + size])
-            interpreter.invoke()
-            results.append(interpreter.get_tensor(index_out))
-            start += size
+            bucket = next(b for b in reversed(self._buckets) if b.size <= n - start)
+            bucket.interpreter.set_tensor(bucket.input_index, batch[start : start + bucket.size])
+            bucket.interpreter.invoke()
+            results.append(bucket.interpreter.get_tensor(bucket.output_index))
+            start += bucket.size
         return np.concatenate(results) if len(results) > 1 else results[0]
 
 
@@ -191,11 +201,7 @@ def load_model(settings: Settings) -> Model:
 def warm_up(model: Model, max_batch: int) -> None:
     """Run every batch size once so that the first real requests pay no first-call costs,
     and check that the model answers with probabilities."""
-    size = 1
-    while True:
+    for size in batch_sizes(max_batch):
         out = model.predict(np.zeros((size, *INPUT_SHAPE), np.float32))
         if out.shape != (size, NUM_CLASSES) or not np.isfinite(out).all():
             raise ModelLoadError(f"warm-up: the model returned {out.shape}, not ({size}, 10)")
-        if size >= max_batch:
-            break
-        size = min(size * 2, max_batch)

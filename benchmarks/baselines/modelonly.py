@@ -16,7 +16,6 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from app import classifier
 from app.config import Settings
 from app.inference.runtime import NUM_CLASSES, ModelInfo
 from app.main import create_app
@@ -43,7 +42,5 @@ def _null_model(_settings: Settings) -> NullModel:
     return NullModel()
 
 
-# The classifier calls `normalize_digit` through its module: replaced there, in this process.
-classifier.normalize_digit = _as_decoded  # type: ignore[attr-defined]
-app = create_app()
-batching_app = create_app(model_loader=_null_model)
+app = create_app(normalize=_as_decoded)
+batching_app = create_app(model_loader=_null_model, normalize=_as_decoded)

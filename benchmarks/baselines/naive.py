@@ -17,7 +17,7 @@ import numpy as np
 from fastapi import FastAPI, File, UploadFile
 from PIL import Image
 
-from app.config import get_settings
+from app.config import from_environment
 
 state: dict[str, Any] = {}
 
@@ -27,7 +27,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
-    state["model"] = keras.models.load_model(get_settings().model_path, compile=False)
+    state["model"] = keras.models.load_model(from_environment().model_path, compile=False)
     yield
 
 
