@@ -1,6 +1,7 @@
 # The front door. Every target is a thin wrapper over a command you can run yourself.
 #   make install   .venv/ with everything: app, training, tests, benchmarks (pinned, hashed)
 #   make test      lint + every test (installs what it needs first)
+#   make format    ruff's fixes and formatting (pre-commit runs the same checks: .pre-commit-config.yaml)
 #   make train     retrain and re-export the model (model/), ~15 min on 2 cores
 #   make serve     one replica on http://127.0.0.1:8000 (gunicorn, 2 workers)
 #   make bench     the standard scenarios against the running cluster (BENCH_QUICK=1: ~1.5 min)
@@ -17,7 +18,7 @@ STAMP := $(VENV)/.installed
 
 REPLICAS ?= $(shell sed -n 's/^REPLICAS=//p' .env)
 
-.PHONY: install lock test test-unit lint train serve bench bench-replica up scale down logs grafana-password clean
+.PHONY: install lock test test-unit lint format train serve bench bench-replica up scale down logs grafana-password clean
 
 install: $(STAMP)
 
@@ -41,8 +42,13 @@ lock:
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check app model benchmarks tests
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+# Fix what the linter can, and format.
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 test-unit: install
 	$(PY) -m pytest tests -m "not integration"
