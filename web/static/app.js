@@ -3,7 +3,7 @@
 
 // The canvas is always 280 x 280 pixels, whatever its size on screen, with a round brush
 // BRUSH pixels wide: the pair under which drawings were measured to classify best
-// (python -m benchmarks.strokes; docs/web.md).
+// (python -m harness.strokes; docs/web.md).
 const SIZE = 280;
 const BRUSH = 22;
 
