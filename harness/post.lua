@@ -1,6 +1,6 @@
 -- wrk script: POST the body in $WRK_BODY with content type $WRK_CONTENT_TYPE, count responses
 -- by status, and print the run's figures as one JSON line (marked WRK_JSON) for
--- benchmarks/wrk.py to parse.
+-- harness/wrk.py to parse.
 --
 -- Connections behave like well-behaved clients: after a refusal that carries Retry-After
 -- (503 shed, 429 rate limit) a request waits that long before it is sent. Without this, a
