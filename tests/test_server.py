@@ -31,3 +31,31 @@ def test_keep_alive_and_close_both_deliver_whole_responses(server: int) -> None:
     assert response.status == 200
     assert json.loads(response.read()) == {"status": "ok"}
     connection.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_an_oversized_upload_sent_whole_gets_the_json_413_not_a_reset(
+    server: int, chunked: bool
+) -> None:
+    # http.client sends the whole body before it reads the answer, as curl and most clients do.
+    body, content_type = multipart(b"\x89PNG\r\n\x1a\n" + b"\0" * (5 << 20))
+    connection = http.client.HTTPConnection("127.0.0.1", server, timeout=30)
+    try:
+        if chunked:
+            pieces = (body[i : i + 65536] for i in range(0, len(body), 65536))
+            connection.request(
+                "POST",
+                "/predict",
+                body=pieces,
+                headers={"Content-Type": content_type},
+                encode_chunked=True,
+            )
+        else:
+            connection.request(
+                "POST", "/predict", body=body, headers={"Content-Type": content_type}
+            )
+        response = connection.getresponse()
+        assert response.status == 413
+        assert "too large" in json.loads(response.read())["detail"]
+    finally:
+        connection.close()

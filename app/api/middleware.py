@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -67,12 +68,37 @@ class _BodyTooLarge(Exception):
     pass
 
 
+# How much of a refused body is read and dropped before the 413, so that a client that sends
+# the whole body before reading (curl, http.client) gets the answer rather than a reset; and
+# for how long. A larger or slower body is cut off, as nginx's lingering close does.
+DISCARD_MAX_BYTES = 64 * 1024 * 1024
+DISCARD_SECONDS = 5.0
+
+
+async def discard_body(receive: Receive, limit: int = DISCARD_MAX_BYTES) -> None:
+    """Read and drop the rest of the request body: at most `limit` bytes, within
+    DISCARD_SECONDS."""
+    discarded = 0
+    try:
+        async with asyncio.timeout(DISCARD_SECONDS):
+            while discarded <= limit:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return
+                discarded += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
+    except TimeoutError:
+        return
+
+
 class BodySizeLimitMiddleware:
     """Answers 413, in JSON, to a request body larger than `max_bytes`: at once when
     Content-Length says so, otherwise as soon as a streamed (chunked) body passes the limit.
 
     (FastAPI's own `max_body_size` answers the Content-Length case in plain text.) nginx
-    enforces the same limit at the edge; this protects a replica that is reached directly.
+    enforces the same limit at the edge; this protects a replica that is reached directly. The
+    rest of the body is read and dropped first (bounded), so that the client sees the 413.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -91,6 +117,8 @@ class BodySizeLimitMiddleware:
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if value.isdigit() and int(value) > self.max_bytes:
+                    if int(value) <= self.max_bytes + DISCARD_MAX_BYTES:
+                        await discard_body(receive)
                     await send_copies(send, self._response)
                     return
                 break
@@ -116,6 +144,7 @@ class BodySizeLimitMiddleware:
                 # while parsing a form into a 400): answer 413 instead.
                 if message["type"] == "http.response.start" and not started:
                     started = True
+                    await discard_body(receive)
                     await send_copies(send, self._response)
                 return
             if message["type"] == "http.response.start":
@@ -128,4 +157,5 @@ class BodySizeLimitMiddleware:
             if started:
                 raise
             started = True
+            await discard_body(receive)
             await send_copies(send, self._response)

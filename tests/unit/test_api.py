@@ -173,6 +173,34 @@ def test_oversized_chunked_body_is_413(client: TestClient) -> None:
     assert response.status_code == 413
 
 
+def test_discarding_a_refused_body_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.api import middleware
+
+    async def endless() -> dict[str, object]:
+        return {"type": "http.request", "body": b"x" * 1000, "more_body": True}
+
+    async def silent() -> dict[str, object]:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    async def main() -> None:
+        # In bytes: an endless body is read up to the limit, no further.
+        calls = 0
+
+        async def counted() -> dict[str, object]:
+            nonlocal calls
+            calls += 1
+            return await endless()
+
+        await middleware.discard_body(counted, limit=10_000)
+        assert calls == 11
+        # In time: a client that stops sending is given up on.
+        monkeypatch.setattr(middleware, "DISCARD_SECONDS", 0.05)
+        await asyncio.wait_for(middleware.discard_body(silent), timeout=2)
+
+    asyncio.run(main())
+
+
 def test_pixel_limit_is_a_setting(settings: Settings) -> None:
     app = create_app(
         settings.model_copy(update={"max_image_pixels": 100}), model_loader=lambda _s: FakeModel()
