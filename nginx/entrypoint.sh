@@ -46,6 +46,14 @@ sed -e "s|@RESOLVER@|$resolver|g" \
     /etc/nginx/mnist/nginx.conf.template > /tmp/nginx.conf
 
 mkdir -p /tmp/errors
+error() { printf '{"detail":"%s"}\n' "$2" > "/tmp/errors/$1.json"; }
+error 400 "bad request: the request line or a header is malformed"
+error 404 "not found: this path is neither the page nor the API (see /docs)"
+error 405 "method not allowed on this path"
+error 408 "request timeout: the request was not received in time"
+error 414 "request URI too long"
+error 431 "request header fields too large"
+error 500 "internal error at the edge"
 printf '{"detail":"request body too large: the limit is %s bytes"}\n' "$body" > /tmp/errors/413.json
 printf '{"detail":"rate limit exceeded: %s; retry shortly"}\n' "$rate_said" > /tmp/errors/429.json
 printf '{"detail":"no API replica could answer in time; retry shortly"}\n' > /tmp/errors/50x.json

@@ -7,8 +7,11 @@ next expects.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections import Counter
+
+import pytest
 
 from tests.helpers import multipart
 from tests.integration.conftest import (
@@ -67,6 +70,62 @@ def test_oversized_body_is_refused_at_the_edge(stack: Stack) -> None:
     assert headers["content-type"].startswith("application/json")
     assert "too large" in json.loads(payload)["detail"]
     assert "x-served-by" not in headers  # refused by nginx, never forwarded
+
+
+def raw(stack: Stack, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are (malformed requests included); the status, headers and body."""
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as connection:
+        connection.sendall(request)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in header_lines if ": " in line)
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize(
+    ("name", "request_bytes", "status"),
+    [
+        ("malformed request line", b"GET /\x01 HTTP/9\r\n\r\n", 400),
+        ("no Host header", b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n", 400),
+        (
+            "a bad Host header",
+            b"GET /healthz HTTP/1.1\r\nHost: a/b\\c\r\nConnection: close\r\n\r\n",
+            400,
+        ),
+        (
+            "a 64 KB header",
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 65536 + b"\r\n\r\n",
+            431,
+        ),
+        (
+            "a 16 KB URI",
+            b"GET /" + b"a" * 16384 + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            414,
+        ),
+        (
+            "a missing static file",
+            b"GET /static/missing.js HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            404,
+        ),
+        (
+            "POST to the page",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            405,
+        ),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_the_edges_own_errors_are_json(
+    stack: Stack, name: str, request_bytes: bytes, status: int
+) -> None:
+    got, headers, body = raw(stack, request_bytes)
+    assert got == status, (name, body[:200])
+    assert headers["content-type"].startswith("application/json"), (name, headers)
+    assert json.loads(body)["detail"]
+    assert "retry-after" not in headers  # a retry would meet the same answer
 
 
 def test_app_errors_pass_through_as_json(stack: Stack) -> None:
