@@ -19,6 +19,9 @@
 set -euo pipefail
 
 readonly PIDFILE=/run/podman/mnist-healthchecks.pid
+# The loop runs from a copy of this script, from /: nothing of the checkout that started it is
+# held, so deleting that checkout cannot break it (or the containers it checks).
+readonly INSTALLED=/run/podman/mnist-healthchecks.sh
 readonly LOG=/var/log/mnist-podman-healthchecks.log
 readonly INTERVAL=${HEALTHCHECK_INTERVAL:-5}
 readonly STARTING_INTERVAL=1
@@ -26,12 +29,16 @@ readonly STARTING_INTERVAL=1
   echo "podman-healthchecks: HEALTHCHECK_INTERVAL=$INTERVAL must be whole seconds" >&2; exit 2; }
 
 running() { [[ -s $PIDFILE ]] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
+# A loop started by an older version from a checkout since deleted: to be replaced.
+stale() { [[ "$(readlink "/proc/$(cat "$PIDFILE")/cwd" 2>/dev/null)" == *" (deleted)" ]]; }
 
 case "${1:-}" in
   start)
-    if running; then exit 0; fi
+    if running && ! stale && cmp -s "$0" "$INSTALLED"; then exit 0; fi
+    if running; then kill "$(cat "$PIDFILE")"; fi
     mkdir -p "$(dirname "$PIDFILE")"
-    setsid nohup "$0" run >>"$LOG" 2>&1 < /dev/null &
+    install -m 0755 "$0" "$INSTALLED"
+    (cd / && exec setsid nohup "$INSTALLED" run >>"$LOG" 2>&1 < /dev/null) &
     echo $! > "$PIDFILE"
     echo "podman-healthchecks: started (pid $!, log $LOG)" >&2
     ;;

@@ -14,14 +14,16 @@
 # Environment knobs (all optional):
 #   ENGINE_SERVICE_LOG   log file of the podman API service (default /var/log/podman-system-service.log)
 #   ENGINE_WAIT_SECONDS  how long to wait for the service to answer (default 60)
+#   ENGINE_RUN_DIR       where the service's socket and pid file are (default /run/podman)
 set -euo pipefail
 shopt -s inherit_errexit  # command substitutions fail like the rest of the script
 
 PODMAN_REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 readonly PODMAN_REPO_ROOT
-readonly PODMAN_SOCKET=/run/podman/podman.sock
+readonly RUN_DIR="${ENGINE_RUN_DIR:-/run/podman}"
+readonly PODMAN_SOCKET="${RUN_DIR}/podman.sock"
 readonly PODMAN_HOST="unix://${PODMAN_SOCKET}"
-readonly PODMAN_PIDFILE=/run/podman/mnist-podman-service.pid
+readonly PODMAN_PIDFILE="${RUN_DIR}/mnist-podman-service.pid"
 readonly SERVICE_LOG="${ENGINE_SERVICE_LOG:-/var/log/podman-system-service.log}"
 readonly WAIT_SECONDS="${ENGINE_WAIT_SECONDS:-60}"
 readonly CONTAINERS_CONF=/etc/containers/containers.conf
@@ -145,8 +147,23 @@ stop_service() {
   rm -f "${PODMAN_PIDFILE}"
 }
 
+# True when process PID runs in a directory that has been deleted (a removed checkout): podman
+# then fails every container start ("write child: broken pipe"; conmon: "Failed to get working
+# directory").
+cwd_deleted() { [[ "$(readlink "/proc/$1/cwd" 2>/dev/null)" == *" (deleted)" ]]; }
+
 start_service() {
-  if podman_answers "${PODMAN_HOST}"; then
+  local pid
+  if pid="$(service_pid)" && cwd_deleted "${pid}"; then
+    log "the podman service (pid ${pid}) runs in a deleted directory, where no container can" \
+      "start: restarting it"
+    stop_service
+  elif podman_answers "${PODMAN_HOST}"; then
+    for pid in $(pgrep -f 'podman system service' || true); do
+      cwd_deleted "${pid}" &&
+        die "a podman service not started by this script (pid ${pid}) runs in a deleted" \
+          "directory, where no container can start: stop it (kill ${pid}) and run this again"
+    done
     return 0
   fi
   if service_pid >/dev/null; then
@@ -156,10 +173,11 @@ start_service() {
     # Nobody answers on the socket: a leftover file would make the new service fail to bind.
     rm -f "${PODMAN_SOCKET}"
     log "starting podman system service on ${PODMAN_HOST} (log: ${SERVICE_LOG})"
-    # Detached from this shell and from every inherited descriptor (fd 3 is the caller's $(...)
-    # pipe and fd 9 the lock: holding either would hang `eval "$(...)"` or the next run).
-    setsid nohup podman system service --time=0 "${PODMAN_HOST}" \
-      </dev/null >>"${SERVICE_LOG}" 2>&1 3>&- 9>&- &
+    # Detached from this shell, from every inherited descriptor (fd 3 is the caller's $(...)
+    # pipe and fd 9 the lock: holding either would hang `eval "$(...)"` or the next run) and
+    # from this checkout (run from /: a service whose directory is deleted starts no container).
+    (cd / && exec setsid nohup podman system service --time=0 "${PODMAN_HOST}" \
+      </dev/null >>"${SERVICE_LOG}" 2>&1 3>&- 9>&-) &
     echo $! >"${PODMAN_PIDFILE}"
   fi
   local deadline=$((SECONDS + WAIT_SECONDS))
