@@ -151,7 +151,7 @@ main() {
   # 1. An engine that already works (real Docker, or DOCKER_HOST pointing at a live socket).
   if engine_answers; then
     if engine_is_podman; then
-      [ "${probe}" = 1 ] || ensure_compose install
+      [ "${probe}" = 1 ] || { repair_service; ensure_compose install; }
       log "using the podman engine at ${DOCKER_HOST:-the default socket}"
       [ -n "${DOCKER_HOST:-}" ] && emit "export DOCKER_HOST=${DOCKER_HOST}"
       emit "export DOCKER_BUILDKIT=0"

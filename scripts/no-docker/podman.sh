@@ -152,18 +152,28 @@ stop_service() {
 # directory").
 cwd_deleted() { [[ "$(readlink "/proc/$1/cwd" 2>/dev/null)" == *" (deleted)" ]]; }
 
-start_service() {
+# A podman service left running in a deleted directory starts no container: ours is restarted,
+# another is named with what to do.
+repair_service() {
   local pid
   if pid="$(service_pid)" && cwd_deleted "${pid}"; then
     log "the podman service (pid ${pid}) runs in a deleted directory, where no container can" \
       "start: restarting it"
     stop_service
-  elif podman_answers "${PODMAN_HOST}"; then
-    for pid in $(pgrep -f 'podman system service' || true); do
-      cwd_deleted "${pid}" &&
-        die "a podman service not started by this script (pid ${pid}) runs in a deleted" \
-          "directory, where no container can start: stop it (kill ${pid}) and run this again"
-    done
+    start_service
+    return 0
+  fi
+  for pid in $(pgrep -f 'podman system service' || true); do
+    if cwd_deleted "${pid}"; then
+      die "a podman service not started by this script (pid ${pid}) runs in a deleted" \
+        "directory, where no container can start: stop it (kill ${pid}) and run this again"
+    fi
+  done
+}
+
+start_service() {
+  repair_service
+  if podman_answers "${PODMAN_HOST}"; then
     return 0
   fi
   if service_pid >/dev/null; then

@@ -32,6 +32,7 @@ class FakeTools:
         self.bin.mkdir()
         self.log = self.root / "calls.log"
         self.log.touch()
+        (self.root / "run").mkdir()
         self.docker_config = self.root / "docker-config"
         self.add("docker", FAKE_DOCKER.read_text())
         for name in ("apt-get", "pip", "pip3", "debootstrap", "podman"):
@@ -41,6 +42,8 @@ class FakeTools:
             "HOME": str(self.root),
             "DOCKER_CONFIG": str(self.docker_config),
             "FAKE_LOG": str(self.log),
+            # The podman service's pid file and socket: never this machine's own.
+            "ENGINE_RUN_DIR": str(self.root / "run"),
             "LC_ALL": "C.UTF-8",
         }
 

@@ -23,7 +23,7 @@ printf '%s\\n' "podman $*" >>"${FAKE_LOG:?}"
 [ "$1 $2" = "system service" ] || exit 0
 pwd >"${FAKE_PODMAN_CWD:?}"
 touch "${FAKE_ENGINE_UP:?}"
-trap 'kill $! 2>/dev/null; exit 0' TERM
+trap 'kill $! 2>/dev/null; rm -f "$FAKE_ENGINE_UP"; exit 0' TERM
 sleep 3600 &
 wait
 """
@@ -33,7 +33,6 @@ wait
 def tools(tmp_path: Path) -> FakeTools:
     tools = FakeTools(tmp_path)
     tools.add("podman", FAKE_PODMAN)
-    (tmp_path / "run").mkdir()
     return tools
 
 
