@@ -236,6 +236,7 @@ def test_bombs_are_refused_or_served_within_bounds(name: str) -> None:
 
 def test_the_bounds_hold_a_decode_that_breaks_them() -> None:
     assert bounded(lambda: str(np.ones(200_000_000, np.uint8).sum())) == "out of memory"
+
     def slow() -> str:
         time.sleep(TIME_LIMIT + 3)
         return "finished"
