@@ -124,6 +124,26 @@ def predict(stack: Stack) -> tuple[int, str]:
     return status, headers.get("x-served-by", "")
 
 
+def total_predictions(stack: Stack) -> float:
+    return stack.scalar('sum(mnist_predictions_total{job="mnist-api"})') or 0.0
+
+
+def settled_total(stack: Stack) -> float:
+    """The counter's sum once it stops moving (every worker's last export has landed)."""
+    previous: list[float] = []
+
+    def stable() -> tuple[float] | None:
+        previous.append(total_predictions(stack))
+        # Unchanged for 12 s: longer than an export (5 s) and a scrape (5 s) together, so that
+        # no prediction already made is still on its way.
+        if len(previous) >= 5 and len(set(previous[-5:])) == 1:
+            return (previous[-1],)  # a tuple: truthy even when the total is 0
+        return None
+
+    (total,) = wait_for(stable, timeout=120, interval=3, what="the counter to settle")
+    return total
+
+
 @dataclass
 class Load:
     """Clients that POST /predict in a loop over keep-alive connections, recording every
@@ -133,6 +153,8 @@ class Load:
     clients: int = 4
     statuses: Counter[int | str] = field(default_factory=Counter)
     served_by: Counter[str] = field(default_factory=Counter)
+    slowest: float = 0.0  # seconds, the longest a request took
+    failed_at: list[float] = field(default_factory=list)  # monotonic times of failures
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -140,6 +162,7 @@ class Load:
     def _client(self) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", self.stack.port, timeout=30)
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
                 connection.request(
                     "POST", "/predict", body=DIGIT_BODY, headers={"Content-Type": DIGIT_TYPE}
@@ -154,6 +177,9 @@ class Load:
                 connection = http.client.HTTPConnection("127.0.0.1", self.stack.port, timeout=30)
             with self._lock:
                 self.statuses[outcome] += 1
+                self.slowest = max(self.slowest, time.monotonic() - started)
+                if outcome != 200:
+                    self.failed_at.append(time.monotonic())
                 if host:
                     self.served_by[host] += 1
             time.sleep(0.005)

@@ -16,30 +16,17 @@ import numpy as np
 import pytest
 
 from tests.helpers import multipart, png_bytes
-from tests.integration.conftest import REPLICAS, Stack, predict, wait_for
+from tests.integration.conftest import (
+    REPLICAS,
+    Stack,
+    predict,
+    settled_total,
+    total_predictions,
+    wait_for,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((REPO / "grafana" / "dashboards").glob("*.json"))
-
-
-def total_predictions(stack: Stack) -> float:
-    return stack.scalar('sum(mnist_predictions_total{job="mnist-api"})') or 0.0
-
-
-def settled_total(stack: Stack) -> float:
-    """The counter's sum once it stops moving (every worker's last export has landed)."""
-    previous: list[float] = []
-
-    def stable() -> tuple[float] | None:
-        previous.append(total_predictions(stack))
-        # Unchanged for 12 s: longer than an export (5 s) and a scrape (5 s) together, so that
-        # no prediction already made is still on its way.
-        if len(previous) >= 5 and len(set(previous[-5:])) == 1:
-            return (previous[-1],)  # a tuple: truthy even when the total is 0
-        return None
-
-    (total,) = wait_for(stable, timeout=120, interval=3, what="the counter to settle")
-    return total
 
 
 def test_every_worker_of_every_replica_reports(stack: Stack) -> None:

@@ -1,0 +1,123 @@
+"""Faults under continuous load, on the real stack: the Collector stopped, Prometheus restarted, a
+replica frozen, nginx restarted. Each says what it costs the clients, and the stack recovers by
+itself. (A replica killed outright, and replicas scaled away, are in test_nginx_cluster.py.)"""
+
+from __future__ import annotations
+
+import time
+
+from tests.integration.conftest import (
+    REPLICAS,
+    Load,
+    Stack,
+    predict,
+    settled_total,
+    wait_for,
+)
+
+# nginx's proxy_read_timeout (nginx/proxy.conf): what a frozen replica may cost a request.
+READ_TIMEOUT = 10.0
+
+
+def firing(stack: Stack) -> set[str]:
+    alerts = stack.prometheus_api("alerts")["alerts"]
+    return {a["labels"]["alertname"] for a in alerts if a["state"] == "firing"}
+
+
+def test_a_collector_outage_fails_no_request_and_loses_no_count(stack: Stack) -> None:
+    stack.ensure_replicas(REPLICAS)
+    before = settled_total(stack)
+    with Load(stack) as load:
+        time.sleep(2)
+        stack.compose("stop", "otel-collector")
+        try:
+            time.sleep(8)  # longer than an export interval: every worker's export fails
+        finally:
+            stack.compose("start", "otel-collector")
+        time.sleep(3)
+    assert load.failures == {}, load.failures
+    wait_for(
+        lambda: stack.scalar('up{job="otel-collector"}') == 1,
+        timeout=60,
+        what="the collector to be scraped again",
+    )
+    after = settled_total(stack)
+    print(f"\ncollector outage: {load.total} requests, none failed; counted {after - before:.0f}")
+    # The SDK's counters are cumulative: the next export after the outage carries all of them.
+    assert round(after - before) == load.statuses[200]
+
+
+def test_a_prometheus_restart_keeps_its_history_and_fires_nothing(stack: Stack) -> None:
+    history = 'count_over_time(up{job="otel-collector"}[30m])'
+    before = stack.scalar(history)
+    assert before is not None
+    already = firing(stack)
+    stack.compose("restart", "prometheus")
+    wait_for(lambda: stack.scalar(history), timeout=120, what="Prometheus to answer again")
+    after = stack.scalar(history)
+    assert after is not None
+    assert after >= before, (before, after)  # the samples from before the restart are there
+
+    def scraped_lately() -> bool:
+        age = stack.scalar('time() - timestamp(up{job="otel-collector"})')
+        return age is not None and age < 15
+
+    wait_for(scraped_lately, timeout=60, what="scraping to resume")
+    # For longer than the rules' evaluation and the alerts' shortest `for`: nothing new fires.
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        assert firing(stack) <= already, firing(stack) - already
+        time.sleep(4)
+
+
+def test_a_frozen_replica_costs_no_request_and_at_most_the_read_timeout(stack: Stack) -> None:
+    stack.ensure_replicas(REPLICAS)
+    victim = stack.replicas()[0]
+    with Load(stack, clients=6) as load:
+        time.sleep(2)
+        stack.docker("pause", victim)
+        try:
+            time.sleep(READ_TIMEOUT + 5)
+        finally:
+            stack.docker("unpause", victim)
+        time.sleep(3)
+    print(
+        f"\nfrozen replica: {load.total} requests, failures {load.failures}, "
+        f"slowest {load.slowest:.1f} s"
+    )
+    assert load.total > 200, load.statuses
+    assert load.failures == {}, load.failures
+    # Requests the frozen replica held were retried elsewhere after the read timeout.
+    assert load.slowest < READ_TIMEOUT + 3
+    wait_for(
+        lambda: stack.healthy_replicas() == REPLICAS,
+        timeout=120,
+        what="the unfrozen replica to be healthy again",
+    )
+
+
+def test_an_nginx_restart_costs_a_bounded_outage_and_recovers(stack: Stack) -> None:
+    with Load(stack) as load:
+        time.sleep(2)
+        restarted = time.monotonic()
+        stack.compose("restart", "nginx")
+        wait_for(
+            lambda: stack.request("GET", "/healthz")[0] == 200,
+            timeout=60,
+            what="nginx to answer again",
+        )
+        time.sleep(3)
+        answered_after = load.statuses[200]
+        time.sleep(2)
+        assert load.statuses[200] > answered_after  # serving again, by itself
+    failed = load.failures
+    span = (max(load.failed_at) - min(load.failed_at)) if load.failed_at else 0.0
+    print(
+        f"\nnginx restart: {load.total} requests, {sum(failed.values())} failed "
+        f"within {span:.1f} s ({sorted(failed)})"
+    )
+    # Only connection failures, all while nginx was down: no wrong answer, no 5xx.
+    assert all(isinstance(outcome, str) for outcome in failed), failed
+    assert all(t >= restarted for t in load.failed_at)
+    assert span < 15, span
+    assert predict(stack)[0] == 200
