@@ -6,6 +6,7 @@
 #   make serve     one replica on http://127.0.0.1:8000 (gunicorn, 2 workers)
 #   make bench     the standard scenarios against the running cluster (BENCH_QUICK=1: ~1.5 min)
 #   make bench-replica  one replica vs its no-model ceiling, with wrk
+#   make soak      mixed uploads at half the saturation for SOAK_MINUTES (30): errors, memory, p99
 #   make up [REPLICAS=3] / make scale REPLICAS=5 / make logs / make down   the compose stack
 #   make grafana-password   Grafana's admin password (user admin), generated on its first start
 
@@ -18,7 +19,7 @@ STAMP := $(VENV)/.installed
 
 REPLICAS ?= $(shell sed -n 's/^REPLICAS=//p' .env)
 
-.PHONY: install lock test test-unit lint format train serve bench bench-replica up scale down logs grafana-password clean
+.PHONY: install lock test test-unit lint format train serve bench bench-replica soak up scale down logs grafana-password clean
 
 install: $(STAMP)
 
@@ -67,6 +68,9 @@ bench: install
 
 bench-replica: install
 	$(PY) -m benchmarks.replica $(BENCH_ARGS)
+
+soak: install
+	$(PY) -m benchmarks.soak
 
 up:
 	scripts/cluster.sh up $(REPLICAS)

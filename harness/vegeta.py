@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -95,11 +96,13 @@ def target(url: str, payload: Payload) -> str:
     )
 
 
-def run(url: str, payload: Payload, *, rate: float, seconds: float) -> Result:
+def run(url: str, payload: Payload | Sequence[Payload], *, rate: float, seconds: float) -> Result:
+    """`rate` requests a second for `seconds`; several payloads are sent in turn."""
     vegeta = require_vegeta()
+    payloads = [payload] if isinstance(payload, Payload) else list(payload)
     with tempfile.TemporaryDirectory(prefix="vegeta-") as tmp:
         targets, results = Path(tmp) / "targets.json", Path(tmp) / "results.bin"
-        targets.write_text(target(url, payload) + "\n")
+        targets.write_text("".join(target(url, each) + "\n" for each in payloads))
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         # -max-body=0: the answers are counted and timed, not kept. A request that gets no
         # answer in TIMEOUT_S counts as an error with status 0.

@@ -40,8 +40,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "tests/integration/" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
     # The fresh checkout's stack runs first, alone (before the session's stack starts); the
-    # benchmark smoke test loads the session's stack hard and scales it: it runs last.
-    order = {"test_fresh_clone.py": -1, "test_bench.py": 1}
+    # soak and the benchmark smoke test load the session's stack for minutes: they run last.
+    order = {"test_fresh_clone.py": -1, "test_soak.py": 1, "test_bench.py": 2}
     items.sort(key=lambda item: order.get(Path(str(item.fspath)).name, 0))
 
 

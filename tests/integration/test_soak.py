@@ -1,0 +1,39 @@
+"""The soak's short version (3 minutes) against the test stack: `make soak` with SOAK_MINUTES=3.
+No request fails, no process's memory grows by 5 % after the warm-up, no window's p99 passes 1.5x
+the first's; and the figures and the plot are written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.integration.conftest import PORT, PROJECT, REPLICAS, REPO, Stack
+
+
+def test_a_three_minute_soak_holds(stack: Stack, tmp_path: Path) -> None:
+    stack.ensure_replicas(REPLICAS)
+    command = [sys.executable, "-m", "benchmarks.soak", "--minutes", "3", "--port", str(PORT)]
+    completed = subprocess.run(
+        [*command, "--project", PROJECT, "--out", str(tmp_path)],
+        cwd=REPO,
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    print(completed.stdout[-3000:])
+    (run,) = tmp_path.glob("*-soak")
+    summary = json.loads((run / "summary.json").read_text())
+    assert len(summary["windows"]) == 5
+    assert sum(w["requests"] for w in summary["windows"]) > 1000
+    assert len(summary["memory_samples"]) >= 6
+    workers = [name for name in summary["memory_growth"] if name.startswith("api ")]
+    assert len(workers) >= REPLICAS * 2  # the masters and workers of every replica
+    assert {"otel-collector", "prometheus"} <= set(summary["memory_growth"])
+    assert (run / "soak.png").stat().st_size > 10_000
+    assert len(summary["checks"]) == 3
+    assert all(summary["checks"].values()), summary["checks"]
+    assert completed.returncode == 0, completed.stderr[-2000:]
