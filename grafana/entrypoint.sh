@@ -16,13 +16,18 @@ fail() {
   exit 1
 }
 
+if [ ! -s "${file}" ] && [ -e "${data}/grafana.db" ]; then
+  # A database made before this script (or after the file was removed): its admin password is
+  # the one it was made with, and a new file would name a password Grafana never applies.
+  echo "grafana/entrypoint.sh: warning: ${data}/grafana.db has no ${file}: the admin password" \
+    "is still the one the database was made with. Set one and keep it here:" \
+    "docker compose exec grafana sh -c 'grafana cli admin reset-admin-password NEW &&" \
+    "printf %s NEW > ${file}'" >&2
+  exec /run.sh "$@"
+fi
+
 if [ ! -s "${file}" ]; then
   [ -w "${data}" ] || fail "${data} is not writable by uid $(id -u): the admin password cannot be kept there"
-  if [ -e "${data}/grafana.db" ]; then
-    echo "grafana/entrypoint.sh: warning: ${data}/grafana.db was created before ${file}: its admin" \
-      "password is still the one it was created with. To set the new one:" \
-      "docker compose exec grafana sh -c 'grafana cli admin reset-admin-password \"\$(cat ${file})\"'" >&2
-  fi
   umask 077
   # 32 letters and digits from the kernel's random source (190 bits).
   password="$(LC_ALL=C tr -dc 'A-Za-z0-9' </dev/urandom | head -c 32)"

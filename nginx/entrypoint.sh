@@ -48,9 +48,9 @@ sed -e "s|@RESOLVER@|$resolver|g" \
 mkdir -p /tmp/errors
 error() { printf '{"detail":"%s"}\n' "$2" > "/tmp/errors/$1.json"; }
 error 400 "bad request: the request line or a header is malformed"
+error 403 "forbidden"
 error 404 "not found: this path is neither the page nor the API (see /docs)"
 error 405 "method not allowed on this path"
-error 408 "request timeout: the request was not received in time"
 error 414 "request URI too long"
 error 431 "request header fields too large"
 error 500 "internal error at the edge"

@@ -114,14 +114,16 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                if value.isdigit() and int(value) > self.max_bytes:
-                    if int(value) <= self.max_bytes + DISCARD_MAX_BYTES:
-                        await discard_body(receive)
-                    await send_copies(send, self._response)
-                    return
-                break
+        headers = dict(scope["headers"])
+        # A client that asked to be told before it sends (Expect: 100-continue) is answered
+        # without reading: reading would tell it to go on.
+        waiting = headers.get(b"expect", b"").lower() == b"100-continue"
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            if not waiting and int(length) <= DISCARD_MAX_BYTES:
+                await discard_body(receive)
+            await send_copies(send, self._response)
+            return
 
         received = 0
         too_large = False
@@ -144,7 +146,8 @@ class BodySizeLimitMiddleware:
                 # while parsing a form into a 400): answer 413 instead.
                 if message["type"] == "http.response.start" and not started:
                     started = True
-                    await discard_body(receive)
+                    if not waiting:
+                        await discard_body(receive)
                     await send_copies(send, self._response)
                 return
             if message["type"] == "http.response.start":
@@ -157,5 +160,6 @@ class BodySizeLimitMiddleware:
             if started:
                 raise
             started = True
-            await discard_body(receive)
+            if not waiting:
+                await discard_body(receive)
             await send_copies(send, self._response)

@@ -37,7 +37,7 @@ case "${1:-}" in
     if running && ! stale && cmp -s "$0" "$INSTALLED"; then exit 0; fi
     if running; then kill "$(cat "$PIDFILE")"; fi
     mkdir -p "$(dirname "$PIDFILE")"
-    install -m 0755 "$0" "$INSTALLED"
+    [[ "$0" -ef "$INSTALLED" ]] || install -m 0755 "$0" "$INSTALLED"
     (cd / && exec setsid nohup "$INSTALLED" run >>"$LOG" 2>&1 < /dev/null) &
     echo $! > "$PIDFILE"
     echo "podman-healthchecks: started (pid $!, log $LOG)" >&2

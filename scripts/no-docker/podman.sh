@@ -138,12 +138,14 @@ service_pid() {
 stop_service() {
   local pid
   pid="$(service_pid)" || return 0
-  log "restarting the podman service (pid ${pid}) to apply ${CONTAINERS_CONF}"
+  log "stopping the podman service (pid ${pid})"
   kill "${pid}"
   for _ in $(seq 1 50); do
     kill -0 "${pid}" 2>/dev/null || break
     sleep 0.2
   done
+  # Still there after 10 s: it must not be taken for another service by the next check.
+  kill -KILL "${pid}" 2>/dev/null || true
   rm -f "${PODMAN_PIDFILE}"
 }
 
@@ -255,6 +257,7 @@ podman_setup() {
 
   install_packages
   if [ -n "$(configure_containers_conf)" ]; then
+    log "${CONTAINERS_CONF} changed: the podman service restarts to apply it"
     stop_service
   fi
   start_service

@@ -171,3 +171,26 @@ def test_grafana_keeps_its_password_across_a_restart(fresh: Cluster) -> None:
         what="Grafana to accept the same password after a restart",
     )
     assert grafana_password(fresh) == before
+
+
+def test_a_database_older_than_the_password_file_is_named_not_given_a_new_one(
+    fresh: Cluster,
+) -> None:
+    # As a grafana-data volume made before grafana/entrypoint.sh: a database, no password file.
+    fresh.compose(
+        "exec",
+        "-T",
+        "grafana",
+        "sh",
+        "-c",
+        f"rm {PASSWORD_FILE}; touch /var/lib/grafana/grafana.db",
+    )
+    fresh.compose("restart", "grafana")
+    wait_for(
+        lambda: "has no /var/lib/grafana/admin-password" in fresh.compose("logs", "grafana"),
+        timeout=120,
+        what="Grafana's entrypoint to name the database without a password file",
+    )
+    # No password was made that Grafana would never apply.
+    listed = fresh.compose("exec", "-T", "grafana", "ls", "/var/lib/grafana")
+    assert "admin-password" not in listed.split()

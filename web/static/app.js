@@ -25,6 +25,7 @@ let strokes = [];      // every stroke drawn, each a list of {x, y} in canvas pi
 let current = null;    // the stroke under the pen
 let lastUpload = null; // what was last sent: {blob, name}, for "Classify again"
 let sequence = 0;      // answers to superseded requests are dropped
+let cleared = 0;       // times the box was emptied: a drawing's PNG made before is not sent
 
 // --- the ten bars -----------------------------------------------------------------------------
 
@@ -125,9 +126,13 @@ pad.addEventListener("pointercancel", penUp);
 undoButton.addEventListener("click", () => {
   strokes.pop();
   repaint();
+  if (strokes.length) {
+    classifyDrawing();
+  } else {
+    lastUpload = null; // nothing shown is left to read again
+    reset("Nothing drawn yet.");
+  }
   updateButtons();
-  if (strokes.length) classifyDrawing();
-  else reset("Nothing drawn yet.");
 });
 
 clearButton.addEventListener("click", () => {
@@ -143,14 +148,16 @@ againButton.addEventListener("click", () => {
 });
 
 function classifyDrawing() {
+  const drawn = cleared;
   pad.toBlob((blob) => {
-    if (blob) send(blob, "drawing.png");
+    if (blob && drawn === cleared) send(blob, "drawing.png");
   }, "image/png");
 }
 
 // --- files: picked or dropped -------------------------------------------------------------------
 
 async function classifyFile(file) {
+  cleared++; // a drawing still being encoded gives way to the file
   strokes = [];
   blank();
   updateButtons();
@@ -174,24 +181,24 @@ fileInput.addEventListener("change", () => {
   if (file) classifyFile(file);
 });
 
-for (const target of [pad, document.body]) {
-  target.addEventListener("dragover", (event) => {
-    event.preventDefault();
-    pad.classList.add("dropping");
-  });
-  target.addEventListener("dragleave", () => pad.classList.remove("dropping"));
-  target.addEventListener("drop", (event) => {
-    event.preventDefault();
-    pad.classList.remove("dropping");
-    const file = event.dataTransfer && event.dataTransfer.files[0];
-    if (file) classifyFile(file);
-  });
-}
+// A file dropped anywhere on the page (the box included: one listener, so one request).
+document.addEventListener("dragover", (event) => {
+  event.preventDefault();
+  pad.classList.add("dropping");
+});
+document.addEventListener("dragleave", () => pad.classList.remove("dropping"));
+document.addEventListener("drop", (event) => {
+  event.preventDefault();
+  pad.classList.remove("dropping");
+  const file = event.dataTransfer && event.dataTransfer.files[0];
+  if (file) classifyFile(file);
+});
 
 // --- the answer ---------------------------------------------------------------------------------
 
 function reset(message) {
   sequence++; // any answer still on its way is no longer wanted
+  cleared++;
   setStatus(message, false);
   digitOut.textContent = "–";
   warningLine.hidden = true;
