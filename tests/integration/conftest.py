@@ -154,7 +154,9 @@ class Load:
     statuses: Counter[int | str] = field(default_factory=Counter)
     served_by: Counter[str] = field(default_factory=Counter)
     slowest: float = 0.0  # seconds, the longest a request took
-    failed_at: list[float] = field(default_factory=list)  # monotonic times of failures
+    # When each failed request was sent (monotonic): a request sent into an outage may only
+    # fail at its client's timeout.
+    failed_at: list[float] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -179,7 +181,7 @@ class Load:
                 self.statuses[outcome] += 1
                 self.slowest = max(self.slowest, time.monotonic() - started)
                 if outcome != 200:
-                    self.failed_at.append(time.monotonic())
+                    self.failed_at.append(started)
                 if host:
                     self.served_by[host] += 1
             time.sleep(0.005)

@@ -116,13 +116,15 @@ def test_an_nginx_restart_costs_a_bounded_outage_and_recovers(stack: Stack) -> N
         )
         recovered = time.monotonic() - restarted
     failed = load.failures
-    span = (max(load.failed_at) - min(load.failed_at)) if load.failed_at else 0.0
+    sent = [t - restarted for t in load.failed_at]
     print(
-        f"\nnginx restart: {load.total} requests, {sum(failed.values())} failed "
-        f"within {span:.1f} s ({sorted(failed)}); answering again {recovered:.1f} s after"
+        f"\nnginx restart: {load.total} requests, {sum(failed.values())} failed, sent "
+        f"{min(sent, default=0):.1f}-{max(sent, default=0):.1f} s after the restart began "
+        f"({sorted(failed)}); answering again {recovered:.1f} s after"
     )
-    # Only connection failures, all while nginx was down: no wrong answer, no 5xx.
+    # Only connection failures (a refusal, a reset, or a client's own timeout for a request
+    # sent as the old nginx went away), all of requests sent during the restart.
     assert all(isinstance(outcome, str) for outcome in failed), failed
-    assert all(t >= restarted for t in load.failed_at)
-    assert span < 15, span
+    assert all(0 <= t < 15 for t in sent), sent
+    assert sum(failed.values()) <= 20 * load.clients, failed
     assert predict(stack)[0] == 200
