@@ -34,11 +34,11 @@ $(STAMP): requirements/dev.txt requirements/data.txt scripts/install-tools.sh
 
 # Re-pin every dependency from pyproject.toml (and requirements/data.in).
 lock:
-	uv pip compile pyproject.toml --generate-hashes --python-version 3.11 -q \
+	$(VENV)/bin/uv pip compile pyproject.toml --generate-hashes --python-version 3.11 -q \
 	  --custom-compile-command "make lock" -o requirements/serve.txt
-	uv pip compile pyproject.toml --extra train --extra dev --generate-hashes \
+	$(VENV)/bin/uv pip compile pyproject.toml --extra train --extra dev --generate-hashes \
 	  --python-version 3.11 -q --custom-compile-command "make lock" -o requirements/dev.txt
-	uv pip compile requirements/data.in --no-deps --generate-hashes --python-version 3.11 -q \
+	$(VENV)/bin/uv pip compile requirements/data.in --no-deps --generate-hashes --python-version 3.11 -q \
 	  --custom-compile-command "make lock" -o requirements/data.txt
 
 lint: install
