@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app import tracing
 from app.api.middleware import json_response, send_copies
 
 REQUEST_START = b"x-request-start"
@@ -297,17 +298,36 @@ class AdmissionMiddleware:
                 if stamp is not None:
                     edge_age = self.admission.edge_clock.age(stamp)
                 break
+        arrived = time.perf_counter()
         try:
             waited = await self.admission.enter(edge_age or 0.0)
         except Refused as refused:
             if self.on_refuse is not None:
                 self.on_refuse(refused.reason)
+            trace_step(arrived, edge_age, refused.reason)
             await send_copies(send, self._responses[refused.reason])
             return
         if self.on_admit is not None:
             self.on_admit(edge_age, waited)
         started = time.perf_counter()
+        trace_step(arrived, edge_age, None, started)
         try:
             await self.app(scope, receive, send)
         finally:
             self.admission.leave(time.perf_counter() - started)
+
+
+def trace_step(
+    arrived: float, edge_age: float | None, refused: str | None, admitted: float | None = None
+) -> None:
+    """The request's `mnist.admission.wait` span: its wait here, its age on arrival (the time
+    since the edge forwarded it), and why it was refused, if it was."""
+    trace = tracing.current()
+    if trace is None:
+        return
+    attributes: dict[str, float | str] = {}
+    if edge_age is not None:
+        attributes["mnist.edge.wait"] = edge_age
+    if refused is not None:
+        attributes["mnist.rejected.reason"] = refused
+    trace.step("mnist.admission.wait", arrived, admitted or time.perf_counter(), attributes)

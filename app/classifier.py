@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from app import tracing
 from app.config import Settings
 from app.inference.batcher import Batcher
 from app.inference.runtime import Model, warm_up
@@ -73,6 +74,7 @@ class Classifier:
         """Decode and normalise one upload. Raises `ImageError` for bad input."""
         started = time.perf_counter()
         image = open_image(data, max_pixels=self.settings.max_image_pixels)
+        decoded = time.perf_counter()
         width, height = image.size
         if width * height <= self.settings.inline_preprocess_max_pixels:
             digit = self.normalize(to_grayscale(image))
@@ -81,7 +83,12 @@ class Classifier:
             digit = await loop.run_in_executor(
                 self._pool, lambda: self.normalize(to_grayscale(image))
             )
-        self.metrics.preprocess.record(time.perf_counter() - started)
+        finished = time.perf_counter()
+        self.metrics.preprocess.record(finished - started)
+        trace = tracing.current()
+        if trace is not None:
+            trace.step("mnist.decode", started, decoded, {"mnist.image.format": image.format or ""})
+            trace.step("mnist.preprocess", decoded, finished)
         return digit
 
     async def classify(self, data: bytes) -> Prediction:
@@ -101,10 +108,11 @@ class Classifier:
             except ImageError as exc:
                 exc.index = index
                 raise
+        trace = tracing.current()
         if len(digits) == 1:
-            probabilities = [await self.batcher.predict(digits[0].pixels)]
+            probabilities = [await self.batcher.predict(digits[0].pixels, trace)]
         else:
-            probabilities = await self.batcher.predict_many([d.pixels for d in digits])
+            probabilities = await self.batcher.predict_many([d.pixels for d in digits], trace)
         return [self._answer(d, p) for d, p in zip(digits, probabilities, strict=True)]
 
     def _answer(self, digit: Digit, probabilities: np.ndarray) -> Prediction:

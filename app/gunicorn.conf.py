@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from app import logs
+
 
 def _int(name: str, default: int) -> int:
     raw = os.environ.get(name, "")
@@ -57,4 +59,6 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 accesslog = None
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info")
+# JSON lines with the request's trace_id and span_id (app/logs.py).
+logconfig_dict = logs.config(loglevel)
 proc_name = "mnist-api"

@@ -22,7 +22,14 @@ from app.classifier import Classifier, Normalize
 from app.config import Settings, from_environment
 from app.inference.runtime import Model, load_model
 from app.preprocessing import normalize_digit
-from app.telemetry import HttpServerMetrics, Metrics, sdk_disabled, start_provider
+from app.telemetry import (
+    HttpServerMetrics,
+    Metrics,
+    sdk_disabled,
+    start_provider,
+    worker_resource,
+)
+from app.tracing import Tracing, start_tracer, tracing_off
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +48,21 @@ def create_app(
     telemetry_off = sdk_disabled() and meter_provider is None
     start_global_provider = not telemetry_off and meter_provider is None
     metrics = Metrics(meter_provider)
+    trace_slot = Tracing()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # A model that cannot be loaded or warmed up fails the worker's start-up: gunicorn
         # then exits with the reason in its log instead of serving errors.
         model = await asyncio.to_thread(model_loader, settings)
-        # This worker's own MeterProvider, made here, after gunicorn's fork.
-        stop_metrics = start_provider(model.info.version) if start_global_provider else None
+        # This worker's own MeterProvider and TracerProvider, made here, after gunicorn's fork.
+        traced = start_global_provider and not tracing_off()
+        stop_metrics = (
+            start_provider(model.info.version, exemplars=traced) if start_global_provider else None
+        )
+        stop_traces = None
+        if traced:
+            trace_slot.tracer, stop_traces = start_tracer(worker_resource(model.info.version))
         classifier = Classifier(settings, model, metrics, normalize)
         metrics.watch_queue(lambda: classifier.batcher.depth)
         await classifier.start()
@@ -58,6 +72,9 @@ def create_app(
             yield
         finally:
             await classifier.stop()
+            trace_slot.tracer = None
+            if stop_traces is not None:
+                stop_traces()
             if stop_metrics is not None:
                 stop_metrics()
 
@@ -69,12 +86,13 @@ def create_app(
         lifespan=lifespan,
         form_limits={"max_files": settings.max_batch_files, "max_fields": 16},
         # FastAPI's own OpenTelemetry support stays off: HttpServerMetrics records the HTTP
-        # metrics (at a fraction of its cost), and the service records no traces.
+        # metrics and the request's trace (at a fraction of its cost).
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.classifier = None
     app.state.metrics = metrics
+    app.state.tracing = trace_slot
     app.include_router(predict.router)
     app.include_router(health.router)
     errors.install(app)
@@ -98,7 +116,7 @@ def create_app(
     app.add_middleware(ServedByMiddleware)
     if not telemetry_off:
         # Outermost: every answer is timed and counted, refusals included.
-        app.add_middleware(HttpServerMetrics, histogram=metrics.http_duration)
+        app.add_middleware(HttpServerMetrics, histogram=metrics.http_duration, tracing=trace_slot)
     return app
 
 

@@ -43,7 +43,9 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Histogram, Observation
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import tracing
 from app.inference.batcher import BatchRecord
+from app.tracing import Tracing
 
 if TYPE_CHECKING:
     from app.admission import Admission
@@ -221,9 +223,15 @@ class Metrics:
 
     def record_batch(self, record: BatchRecord) -> None:
         self.batch_size.record(record.size)
-        self.inference.record(record.inference_seconds)
-        for wait in record.queue_waits:
+        self.inference.record(record.finished - record.started)
+        batch: dict[str, Any] | None = None
+        for wait, trace in zip(record.queue_waits, record.tags, strict=True):
             self.queue_wait.record(wait)
+            if isinstance(trace, tracing.RequestTrace):
+                if batch is None:
+                    batch = {"mnist.batch.number": record.number, "mnist.batch.size": record.size}
+                trace.step("mnist.queue.wait", record.started - wait, record.started)
+                trace.step("mnist.inference", record.started, record.finished, batch)
 
     def record_prediction(self, digit: int, confidence: float, low_confidence: bool) -> None:
         self._predicted[digit * 2 + low_confidence] += 1
@@ -256,10 +264,12 @@ class HttpServerMetrics:
         app: ASGIApp,
         histogram: Histogram,
         excluded_paths: Iterable[str] = ("/healthz", "/readyz"),
+        tracing: Tracing | None = None,
     ) -> None:
         self.app = app
         self.histogram = histogram
         self.excluded_paths = frozenset(excluded_paths)
+        self.tracing = tracing or Tracing()
         # One attribute set per (method, scheme, version, route, status, error): bounded by
         # the app's routes, the status codes and the exception types of the code. Built once,
         # reused for every request.
@@ -269,7 +279,10 @@ class HttpServerMetrics:
         if scope["type"] != "http" or scope["path"] in self.excluded_paths:
             await self.app(scope, receive, send)
             return
-        started = perf_counter()
+        tracer = self.tracing.tracer
+        request_trace = tracing.begin(scope["headers"]) if tracer is not None else None
+        token = tracing.CURRENT.set(request_trace)
+        started = request_trace.start if request_trace is not None else perf_counter()
         status = 0
 
         async def send_observed(message: Message) -> None:
@@ -287,9 +300,24 @@ class HttpServerMetrics:
                 status = 500  # what Starlette's outermost error handler answers
             raise
         finally:
-            self.histogram.record(
-                perf_counter() - started, self._attributes_of(scope, status, error)
-            )
+            ended = perf_counter()
+            attributes = self._attributes_of(scope, status, error)
+            context = None
+            if tracer is not None and request_trace is not None:
+                try:
+                    context = tracer.finish(
+                        request_trace,
+                        span_name(attributes),
+                        {**attributes, "url.path": scope["path"]},
+                        status,
+                        error,
+                        ended,
+                    )
+                except Exception:  # telemetry must never break serving
+                    log.exception("tracing a request failed")
+            tracing.CURRENT.reset(token)
+            # A kept trace's context: the measurement carries its trace id as an exemplar.
+            self.histogram.record(ended - started, attributes, context=context)
 
     def _attributes_of(self, scope: Scope, status: int, error: str | None) -> dict[str, Any]:
         route = getattr(scope.get("route"), "path", None)  # set by the router on a match
@@ -314,12 +342,18 @@ class HttpServerMetrics:
         return attributes
 
 
-def build_provider(service_version: str, readers: list[Any]) -> Any:
-    """A MeterProvider with this worker's identity."""
-    from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
+def span_name(attributes: dict[str, Any]) -> str:
+    """`{method} {route}`, or the method alone for no route (HTTP semantic conventions)."""
+    route = attributes.get("http.route")
+    method = attributes["http.request.method"]
+    return f"{method} {route}" if route else method
+
+
+def worker_resource(service_version: str) -> Any:
+    """This worker's identity, shared by its metrics and its traces."""
     from opentelemetry.sdk.resources import Resource
 
-    resource = Resource.create(
+    return Resource.create(
         {
             "service.name": os.environ.get("OTEL_SERVICE_NAME", "mnist-api"),
             "service.version": service_version,
@@ -327,23 +361,35 @@ def build_provider(service_version: str, readers: list[Any]) -> Any:
             "host.name": socket.gethostname(),
         }
     )
-    # Exemplars link a measurement to the trace it was made in; the service records no
-    # traces, so the SDK's default filter would only pay to look for one on every measurement.
-    # OTEL_METRICS_EXEMPLAR_FILTER, when set, still decides (the SDK reads it given None).
+
+
+def build_provider(service_version: str, readers: list[Any], exemplars: bool = False) -> Any:
+    """A MeterProvider with this worker's identity. `exemplars`: measurements made in a kept
+    trace carry its trace id (the SDK's trace-based filter); without traces the filter would
+    only pay to look for one on every measurement. OTEL_METRICS_EXEMPLAR_FILTER, when set,
+    decides either way (the SDK reads it given None)."""
+    from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
+
     exemplar_filter = (
-        None if os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER") else AlwaysOffExemplarFilter()
+        None
+        if exemplars or os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER")
+        else AlwaysOffExemplarFilter()
     )
-    return MeterProvider(resource=resource, metric_readers=readers, exemplar_filter=exemplar_filter)
+    return MeterProvider(
+        resource=worker_resource(service_version),
+        metric_readers=readers,
+        exemplar_filter=exemplar_filter,
+    )
 
 
-def start_provider(service_version: str) -> Callable[[], None]:
+def start_provider(service_version: str, exemplars: bool = False) -> Callable[[], None]:
     """Install this worker's MeterProvider, exporting over OTLP; returns its shutdown, which
     flushes the last export."""
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 
     provider = build_provider(
-        service_version, [PeriodicExportingMetricReader(OTLPMetricExporter())]
+        service_version, [PeriodicExportingMetricReader(OTLPMetricExporter())], exemplars
     )
     metrics.set_meter_provider(provider)
     log.info("metrics: OTLP export as %s", instance_id())

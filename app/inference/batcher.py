@@ -54,11 +54,18 @@ class InferenceError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class BatchRecord:
-    """What one batch did, for telemetry."""
+    """What one batch did, for telemetry (times: `time.perf_counter`)."""
 
+    number: int  # this batcher's batches, counted from 1
     size: int
-    inference_seconds: float
-    queue_waits: Sequence[float]  # per request, from enqueue to the start of its batch
+    started: float
+    finished: float
+    queue_waits: Sequence[float]  # per image, from enqueue to the start of its batch
+    tags: Sequence[object]  # per image, the `tag` it was queued with
+
+    @property
+    def inference_seconds(self) -> float:
+        return self.finished - self.started
 
 
 @dataclass(slots=True)
@@ -66,6 +73,7 @@ class _Item:
     pixels: Pixels
     future: asyncio.Future[Pixels]
     enqueued: float
+    tag: object
 
 
 class Batcher:
@@ -92,6 +100,7 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._in_flight: list[_Item] = []
+        self._batches = 0
         self._idle = asyncio.Event()  # nothing queued and nothing running
         self._idle.set()
 
@@ -128,9 +137,10 @@ class Batcher:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
-    async def predict(self, pixels: Pixels) -> Pixels:
-        """Class probabilities for one normalised 28x28 image."""
-        (result,) = await self.predict_many([pixels])
+    async def predict(self, pixels: Pixels, tag: object = None) -> Pixels:
+        """Class probabilities for one normalised 28x28 image. `tag` is handed back with the
+        batch's record (the request's trace)."""
+        (result,) = await self.predict_many([pixels], tag)
         return result
 
     def check_room(self, images: int) -> None:
@@ -140,7 +150,7 @@ class Batcher:
                 f"the inference queue is full ({len(self._queue)}/{self.max_queue} images)"
             )
 
-    async def predict_many(self, images: Sequence[Pixels]) -> list[Pixels]:
+    async def predict_many(self, images: Sequence[Pixels], tag: object = None) -> list[Pixels]:
         """Class probabilities for each image; all are admitted to the queue, or none."""
         if self._closing or not self.running:
             raise shutting_down()
@@ -150,7 +160,7 @@ class Batcher:
         futures = []
         for pixels in images:
             future: asyncio.Future[Pixels] = loop.create_future()
-            self._queue.append(_Item(pixels, future, now))
+            self._queue.append(_Item(pixels, future, now, tag))
             futures.append(future)
         self._idle.clear()
         self._pending.set()
@@ -180,6 +190,7 @@ class Batcher:
             if not batch:
                 continue
             self._in_flight = batch
+            self._batches += 1
             started = time.perf_counter()
             try:
                 probabilities = await loop.run_in_executor(
@@ -202,9 +213,12 @@ class Batcher:
                 try:
                     self._on_batch(
                         BatchRecord(
+                            number=self._batches,
                             size=len(batch),
-                            inference_seconds=finished - started,
+                            started=started,
+                            finished=finished,
                             queue_waits=[started - item.enqueued for item in batch],
+                            tags=[item.tag for item in batch],
                         )
                     )
                 except Exception:  # telemetry must never break serving
