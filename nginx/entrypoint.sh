@@ -37,7 +37,18 @@ else
   rate_said="no per-client rate limit"
 fi
 
+# Head sampling of the traces the edge starts (TRACES_SAMPLE_RATIO, 0 to 1): split_clients on
+# the trace id, in per cent with two decimals.
+ratio=$(printenv TRACES_SAMPLE_RATIO || true)
+ratio=${ratio:-0.05}
+trace_split=$(awk -v r="$ratio" 'BEGIN {
+  if (r !~ /^(0|1)?(\.[0-9]+)?$/ || r == "" || r == "." || r + 0 > 1) exit 1
+  p = r * 100
+  if (p < 0.01) print "* 00;"; else if (p >= 100) print "* 01;"; else printf "%.2f%% 01; * 00;", p
+}') || { echo "entrypoint: TRACES_SAMPLE_RATIO=$ratio must be a number from 0 to 1" >&2; exit 1; }
+
 sed -e "s|@RESOLVER@|$resolver|g" \
+    -e "s|@TRACE_SPLIT@|$trace_split|g" \
     -e "s|@RATE_LIMIT_ZONE@|$rate_zone|g" \
     -e "s|@RATE_LIMIT@|$rate_limit|g" \
     -e "s|@MAX_UPLOAD_BYTES@|$body|g" \
@@ -61,5 +72,5 @@ printf '{"detail":"no API replica can take this request now: every one is full (
   > /tmp/errors/busy.json
 
 echo "entrypoint: resolver $resolver, upstream $upstream (at most $max_conns requests per replica)," \
-     "$rate_said, body limit $body bytes" >&2
+     "$rate_said, body limit $body bytes, traces sampled at $ratio" >&2
 exec nginx -c /tmp/nginx.conf -g 'daemon off;'
