@@ -71,6 +71,8 @@ class Dashboard:
         description: str = "",
         stack: bool = False,
     ) -> Dashboard:
+        """A panel; a target that reads raw histogram buckets also shows their exemplars (the
+        trace ids of kept traces, linked to Jaeger by the Prometheus datasource)."""
         if self._x + width > 24:
             self._x, self._y = 0, self._y + 8
         panel: dict[str, Any] = {
@@ -88,6 +90,7 @@ class Dashboard:
                     "legendFormat": legend,
                     "range": kind == "timeseries",
                     "instant": kind != "timeseries",
+                    "exemplar": kind == "timeseries" and "_bucket{" in expr,
                 }
                 for i, (expr, legend) in enumerate(targets)
             ],
@@ -155,9 +158,15 @@ def overview() -> Dashboard:
         [
             ("mnist:http_duration_seconds:p50", "p50"),
             ("mnist:http_duration_seconds:p95", "p95"),
-            ("mnist:http_duration_seconds:p99", "p99"),
+            # From the buckets themselves (the recording rule's expression), for their exemplars.
+            (
+                "histogram_quantile(0.99, sum by (le) (rate(http_server_request_duration_seconds_bucket"
+                '{job="mnist-api", http_route=~"/predict.*"}[1m])))',
+                "p99 (dots: traces)",
+            ),
         ],
         unit="s",
+        description="The dots are exemplars: requests whose trace was kept; click one for it in Jaeger.",
     )
     d.panel(
         "p99 latency per replica",

@@ -19,10 +19,10 @@ log() { printf 'cluster: %s\n' "$*" >&2; }
 die() { printf 'cluster: error: %s\n' "$*" >&2; exit 1; }
 
 # The containers run as unprivileged users (the API 10001, nginx 101, Prometheus nobody, the
-# Collector 10001, Grafana 472) and read the repository's files: config through bind mounts, the
+# Collector and Jaeger 10001, Grafana 472) and read the repository's files: config through bind mounts, the
 # app and model through the image, whose COPY keeps each file's mode. A checkout made under a
 # umask such as 077 leaves them unreadable to those users: name them, with the fix.
-readonly CONTAINER_READ=(app model requirements nginx web prometheus otel-collector grafana)
+readonly CONTAINER_READ=(app model requirements nginx web prometheus otel-collector jaeger grafana)
 check_readable() {
   local unreadable
   unreadable="$(find "${CONTAINER_READ[@]}" -name __pycache__ -prune -o \
@@ -82,6 +82,7 @@ print_urls() {
   Draw a digit                      http://localhost:${port}/
   API (the one public entry point)  http://localhost:${port}/predict   docs: http://localhost:${port}/docs
   Prometheus (loopback only)        http://127.0.0.1:$(env_value PROMETHEUS_PORT || true)
+  Jaeger, traces (loopback only)    http://127.0.0.1:$(env_value JAEGER_PORT || true)
   Try it:  curl -F file=@digit.png http://localhost:${port}/predict
 MSG
   local profiles

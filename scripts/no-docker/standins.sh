@@ -8,7 +8,7 @@
 #   eval "$(scripts/engine.sh)" && eval "$(scripts/no-docker/standins.sh)"
 #
 # The official tags are read from .env (PYTHON_IMAGE, NGINX_IMAGE, PROMETHEUS_IMAGE, OTELCOL_IMAGE,
-# GRAFANA_IMAGE). For each stand-in in use, stdout gets `export <VAR>=localhost/mnist-standin/...`,
+# JAEGER_IMAGE, GRAFANA_IMAGE). For each stand-in in use, stdout gets `export <VAR>=localhost/mnist-standin/...`,
 # which compose prefers over .env; nothing is printed for an image used as it is. Grafana has no
 # stand-in: where its image cannot be had, COMPOSE_PROFILES is exported without `grafana`.
 # Progress goes to stderr. Stand-ins are never tagged with an official name.
@@ -19,9 +19,9 @@
 # is not rebuilt. A warm run takes about a second.
 #
 # Environment knobs (all optional):
-#   STANDINS_REBUILD=all|"debian python nginx prometheus otelcol"
+#   STANDINS_REBUILD=all|"debian python nginx prometheus otelcol jaeger"
 #                          rebuild these from scratch (debian: re-debootstrap the rootfs tarballs;
-#                          otelcol: rebuild the collector binary too) even if cached
+#                          otelcol, jaeger: rebuild their binary too) even if cached
 #   STANDINS_FORCE=1       use stand-ins even where the official image is available
 #   STANDINS_PULL=0        do not try `docker pull` (only images already present count as available)
 #   STANDINS_REGISTRY_TIMEOUT  seconds a `docker pull` may go without a word before its registry
@@ -59,7 +59,7 @@ emit() { printf '%s\n' "$*" >&3; }
 # The helpers, then one file per image (each defines standin_<name> and verify_<name>).
 # shellcheck source=standins/lib.sh
 source "${STANDINS_SRC}/lib.sh"
-for image in python nginx prometheus otelcol; do
+for image in python nginx prometheus otelcol jaeger; do
   # shellcheck source=/dev/null
   source "${STANDINS_SRC}/${image}.sh"
 done
@@ -85,8 +85,9 @@ main() {
     [NGINX_IMAGE]=standin_nginx
     [PROMETHEUS_IMAGE]=standin_prometheus
     [OTELCOL_IMAGE]=standin_otelcol
+    [JAEGER_IMAGE]=standin_jaeger
   )
-  for var in PYTHON_IMAGE NGINX_IMAGE PROMETHEUS_IMAGE OTELCOL_IMAGE; do
+  for var in PYTHON_IMAGE NGINX_IMAGE PROMETHEUS_IMAGE OTELCOL_IMAGE JAEGER_IMAGE; do
     official="$(env_value "${var}")"
     if official_available "${official}"; then
       log "${official}: official image available"

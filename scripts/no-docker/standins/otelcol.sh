@@ -137,6 +137,8 @@ receivers:
 processors:
   memory_limiter: {check_interval: 1s, limit_mib: 200, spike_limit_mib: 50}
   batch: {}
+  tail_sampling:
+    policies: [{name: errors, type: status_code, status_code: {status_codes: [ERROR]}}]
 exporters:
   prometheus: {endpoint: "0.0.0.0:8889"}
   debug: {}
@@ -148,6 +150,10 @@ service:
       receivers: [otlp, nginx, prometheus]
       processors: [memory_limiter, batch]
       exporters: [prometheus, debug, otlp]
+    traces:
+      receivers: [otlp]
+      processors: [memory_limiter, tail_sampling, batch]
+      exporters: [debug, otlp]
 '
 
 verify_otelcol() {
@@ -157,14 +163,14 @@ verify_otelcol() {
     expect_output "the default config validates (file provider)" '' \
       run_container "${tag}" validate --config /etc/otelcol-contrib/config.yaml || return 1
   components="$(run_check "components" run_container "${tag}" components)" || return 1
-  for component in otlp nginx prometheus memory_limiter batch debug health_check env file; do
+  for component in otlp nginx prometheus memory_limiter batch tail_sampling debug health_check env file; do
     grep -Eq "(name|scheme): ${component}\$" <<<"${components}" || {
       printf '%s\n' "${components}" >&2
       log "check failed: \`components\` does not list ${component}"
       return 1
     }
   done
-  log "ok: components lists otlp nginx prometheus memory_limiter batch debug health_check env file"
+  log "ok: components lists otlp nginx prometheus memory_limiter batch tail_sampling debug health_check env file"
   # `components` of v0.148.0 leaves out the OTLP exporter (type otlp_grpc, alias otlp): a config
   # that uses it, and every other component, must validate (read through the env provider).
   expect_output "a config using every component validates (env provider, otlp exporter)" '' \
