@@ -2,7 +2,8 @@
 
 Starts, on loopback, one replica of the service (gunicorn, WEB_CONCURRENCY workers), the same
 stack with the model removed (the ceiling: multipart parse + PNG decode), optionally the service
-with OpenTelemetry on (exporting to OTEL_EXPORTER_OTLP_ENDPOINT; nothing needs to listen there),
+with OpenTelemetry on (metrics and traces, the sampling as shipped, exporting to a sink that
+accepts OTLP/HTTP and keeps nothing),
 the service without its preprocessing, with its model and with one that computes nothing
 (`--breakdown`), and the naive `model.predict`-per-request server (the floor). Each is loaded
 with wrk (32 connections, the 28x28 PNG of an MNIST test digit), round after round, and
@@ -34,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import wrk
+from harness.otlp_sink import OtlpSink
 from harness.payloads import payloads
 from harness.servers import REPO, Server, gunicorn
 
@@ -113,10 +115,18 @@ def servers_to_compare(args: argparse.Namespace) -> dict[str, tuple[str, dict[st
         "no-model": ("benchmarks.baselines.nomodel:app", off),
     }
     if args.telemetry:
+        on = {**off, "OTEL_SDK_DISABLED": "false", "OTEL_METRIC_EXPORT_INTERVAL": "5000"}
         apps["service+otel"] = (
             "app.main:app",
-            {**off, "OTEL_SDK_DISABLED": "false", "OTEL_METRIC_EXPORT_INTERVAL": "5000"},
+            {
+                **on,
+                # As compose.yaml sets them (wrk sends no traceparent: the ratio decides).
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": os.environ.get("TRACES_SAMPLE_RATIO", "0.05"),
+            },
         )
+        # Metrics alone: what the traces add is the difference.
+        apps["service+metrics"] = ("app.main:app", {**on, "OTEL_TRACES_EXPORTER": "none"})
     if args.breakdown:
         apps[BATCHING_ONLY] = ("benchmarks.baselines.modelonly:batching_app", off)
         apps[MODEL_ONLY] = ("benchmarks.baselines.modelonly:app", off)
@@ -143,6 +153,10 @@ def measure(
     throughput: dict[str, list[float | None]] = {name: [] for name in apps if name != SERVICE}
     cpu: dict[str, list[float | None]] = {name: [] for name in apps if name != SERVICE}
     with ExitStack() as stack:
+        sink = stack.enter_context(OtlpSink())
+        for _, env in apps.values():
+            if env.get("OTEL_SDK_DISABLED") == "false":
+                env["OTEL_EXPORTER_OTLP_ENDPOINT"] = sink.endpoint
         servers = {
             name: stack.enter_context(
                 gunicorn(app, workers=args.workers, env=env, log=out_dir / f"{name}.log")

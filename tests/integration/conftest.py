@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import secrets
 import subprocess
 import threading
 import time
@@ -151,6 +152,8 @@ class Load:
 
     stack: Stack
     clients: int = 4
+    # Each request with a traceparent of its own, with these trace flags ("01": sampled).
+    traceparent: str | None = None
     statuses: Counter[int | str] = field(default_factory=Counter)
     served_by: Counter[str] = field(default_factory=Counter)
     slowest: float = 0.0  # seconds, the longest a request took
@@ -166,9 +169,11 @@ class Load:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                connection.request(
-                    "POST", "/predict", body=DIGIT_BODY, headers={"Content-Type": DIGIT_TYPE}
-                )
+                headers = {"Content-Type": DIGIT_TYPE}
+                if self.traceparent is not None:
+                    ids = f"{secrets.token_hex(16)}-{secrets.token_hex(8)}"
+                    headers["traceparent"] = f"00-{ids}-{self.traceparent}"
+                connection.request("POST", "/predict", body=DIGIT_BODY, headers=headers)
                 response = connection.getresponse()
                 response.read()
                 outcome: int | str = response.status
@@ -218,6 +223,7 @@ def engine_env() -> dict[str, str]:
         HTTP_PORT=str(PORT),
         PROMETHEUS_PORT=str(PROMETHEUS_PORT),
         GRAFANA_PORT="13000",
+        JAEGER_PORT="16687",
     )
 
 

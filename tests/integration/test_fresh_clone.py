@@ -25,7 +25,7 @@ from tests.integration.conftest import DIGIT_BODY, DIGIT_TYPE, engine_env, wait_
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = "mnist-fresh"
-PORT, PROMETHEUS_PORT, GRAFANA_PORT = 18180, 19190, 13100
+PORT, PROMETHEUS_PORT, GRAFANA_PORT, JAEGER_PORT = 18180, 19190, 13100, 16786
 DOUBLE = "localhost/mnist-test/grafana-double:1"
 PASSWORD_FILE = "/var/lib/grafana/admin-password"
 
@@ -82,7 +82,7 @@ def fresh(clone: Path) -> Iterator[Cluster]:
     root = clone
     env = engine_env()
     # The engine and stand-in images as `make up` would set them; everything else from .env.
-    for name in ("API_WORKERS", "HTTP_PORT", "PROMETHEUS_PORT", "GRAFANA_PORT"):
+    for name in ("API_WORKERS", "HTTP_PORT", "PROMETHEUS_PORT", "GRAFANA_PORT", "JAEGER_PORT"):
         env.pop(name, None)
     grafana_here = "grafana" in env.get("COMPOSE_PROFILES", "grafana")
     env.update(
@@ -91,6 +91,7 @@ def fresh(clone: Path) -> Iterator[Cluster]:
         HTTP_PORT=str(PORT),
         PROMETHEUS_PORT=str(PROMETHEUS_PORT),
         GRAFANA_PORT=str(GRAFANA_PORT),
+        JAEGER_PORT=str(JAEGER_PORT),
     )
     if not grafana_here:
         context = REPO / "tests" / "integration" / "grafana-double"

@@ -1,0 +1,210 @@
+"""Traces through the real stack: nginx -> replicas -> Collector (tail sampling) -> Jaeger, and
+the latency histogram's exemplars in Prometheus naming traces that Jaeger returns."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import yaml
+
+from benchmarks.soak import memory_sample
+from tests.integration.conftest import (
+    DIGIT_BODY,
+    DIGIT_TYPE,
+    REPLICAS,
+    REPO,
+    Load,
+    Stack,
+    wait_for,
+)
+
+JAEGER_PORT = 16687  # the test stack's (conftest's engine_env)
+STEPS = {
+    "mnist.admission.wait",
+    "mnist.decode",
+    "mnist.preprocess",
+    "mnist.queue.wait",
+    "mnist.inference",
+}
+# From a worker's export (every 5 s), through the tail sampler's decision wait (5 s) and the
+# Collector's batch (1 s), to Jaeger.
+ARRIVAL = 60.0
+
+
+def trace(trace_id: str) -> dict[str, Any] | None:
+    """Jaeger's answer for one trace, or None while it has none."""
+    url = f"http://127.0.0.1:{JAEGER_PORT}/api/traces/{trace_id}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            found: list[dict[str, Any]] = json.load(response)["data"]
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+    return found[0] if found else None
+
+
+def new_trace_id() -> str:
+    return secrets.token_hex(16)
+
+
+def post(stack: Stack, headers: dict[str, str] | None = None, body: bytes = DIGIT_BODY) -> Any:
+    status, response_headers, _ = stack.request(
+        "POST", "/predict", body, {"Content-Type": DIGIT_TYPE, **(headers or {})}
+    )
+    return status, response_headers
+
+
+def spans_by_name(found: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {span["operationName"]: span for span in found["spans"]}
+
+
+def tags(span: dict[str, Any]) -> dict[str, Any]:
+    return {tag["key"]: tag["value"] for tag in span["tags"]}
+
+
+def test_a_sampled_request_is_one_trace_from_the_client_to_the_batch(stack: Stack) -> None:
+    stack.ensure_replicas(REPLICAS)
+    trace_id, parent = new_trace_id(), secrets.token_hex(8)
+    status, headers = post(stack, {"traceparent": f"00-{trace_id}-{parent}-01"})
+    assert status == 200
+    assert headers["x-trace-id"] == trace_id  # the client's trace, passed on
+    found = wait_for(lambda: trace(trace_id), timeout=ARRIVAL, what="the trace in Jaeger")
+    spans = spans_by_name(found)
+    assert set(spans) == {"POST /predict", *STEPS}, set(spans)
+    server = spans["POST /predict"]
+    assert [(r["refType"], r["spanID"]) for r in server["references"]] == [("CHILD_OF", parent)]
+    assert tags(server)["http.response.status_code"] == 200
+    assert tags(server)["http.route"] == "/predict"
+    assert tags(server)["span.kind"] == "server"
+    for name in STEPS:
+        references = spans[name]["references"]
+        assert [(r["refType"], r["spanID"]) for r in references] == [("CHILD_OF", server["spanID"])]
+        assert server["startTime"] <= spans[name]["startTime"]
+    assert found["processes"][server["processID"]]["serviceName"] == "mnist-api"
+    assert tags(spans["mnist.inference"])["mnist.batch.size"] >= 1
+
+
+def test_unsampled_requests_leave_no_trace_unless_they_fail(stack: Stack) -> None:
+    unsampled = [new_trace_id() for _ in range(5)]
+    for trace_id in unsampled:
+        assert post(stack, {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-00"})[0] == 200
+    failed = new_trace_id()
+    status, _ = post(
+        stack, {"traceparent": f"00-{failed}-{secrets.token_hex(8)}-00"}, body=b"not a form"
+    )
+    assert 400 <= status < 500
+    # Sent last: once it is in Jaeger, whatever the others would have left is there too.
+    marker = new_trace_id()
+    assert post(stack, {"traceparent": f"00-{marker}-{secrets.token_hex(8)}-01"})[0] == 200
+    wait_for(lambda: trace(marker), timeout=ARRIVAL, what="the sampled marker trace")
+    kept = wait_for(lambda: trace(failed), timeout=ARRIVAL, what="the failed request's trace")
+    server = spans_by_name(kept)["POST /predict"]
+    assert tags(server)["mnist.trace.kept"] == "failed"
+    assert tags(server)["http.response.status_code"] == status
+    assert [trace_id for trace_id in unsampled if trace(trace_id) is not None] == []
+
+
+def test_the_edge_starts_a_trace_and_logs_its_id(stack: Stack) -> None:
+    """Without a traceparent nginx makes one: its trace id comes back as X-Trace-Id, is in
+    nginx's access log, and (sampled or not) a failed request's trace is kept under it, rooted
+    at the replica's server span."""
+    status, headers = post(stack, body=b"not a form")
+    assert 400 <= status < 500
+    trace_id = headers["x-trace-id"]
+    assert len(trace_id) == 32
+    assert int(trace_id, 16)
+    found = wait_for(lambda: trace(trace_id), timeout=ARRIVAL, what="the edge-made trace")
+    server = spans_by_name(found)["POST /predict"]
+    assert server["references"] == []  # the edge records no span: the server span is the root
+
+    def logged() -> bool:
+        lines = stack.compose("logs", "--no-log-prefix", "--since", "5m", "nginx").splitlines()
+        return any(f'"trace_id":"{trace_id}"' in line for line in lines)
+
+    wait_for(logged, timeout=30, what="the trace id in nginx's access log")
+
+
+def test_exemplars_name_traces_that_jaeger_returns(stack: Stack) -> None:
+    for _ in range(20):
+        post(stack, {"traceparent": f"00-{new_trace_id()}-{secrets.token_hex(8)}-01"})
+
+    def exemplar_ids() -> list[str] | None:
+        now = time.time()
+        data = stack.prometheus_api(
+            "query_exemplars",
+            query='http_server_request_duration_seconds_bucket{job="mnist-api"}',
+            start=str(now - 600),
+            end=str(now),
+        )
+        ids = [e["labels"]["trace_id"] for series in data for e in series["exemplars"]]
+        return ids or None
+
+    ids = wait_for(exemplar_ids, timeout=60, what="exemplars in Prometheus")
+    assert all(len(i) == 32 for i in ids)
+    # An exemplar's trace is in Jaeger (the newest: older ones may predate a restart of Jaeger).
+    wait_for(lambda: trace(ids[-1]), timeout=ARRIVAL, what=f"exemplar trace {ids[-1]} in Jaeger")
+
+
+def worker_memory(stack: Stack) -> dict[str, float]:
+    return {k: v for k, v in memory_sample(stack).items() if k.startswith("api ")}
+
+
+def test_without_jaeger_or_the_collector_requests_are_unaffected(stack: Stack) -> None:
+    """Every request sampled (its traceparent says so), so every one exports spans, while the
+    trace store, then the Collector, is down: no request fails, and the workers' memory stays
+    bounded by the span queue (the SDK drops what does not fit)."""
+    stack.ensure_replicas(REPLICAS)
+    before = worker_memory(stack)
+    for service in ("jaeger", "otel-collector"):
+        stack.compose("stop", service)
+        try:
+            with Load(stack, clients=4, traceparent="01") as load:
+                time.sleep(20)
+        finally:
+            stack.compose("start", service)
+        print(f"\n{service} down: {load.total} requests, failures {load.failures}")
+        assert load.total > 200, load.statuses
+        assert load.failures == {}, load.failures
+    after = worker_memory(stack)
+    grown = {k: after[k] - before[k] for k in before if k in after}
+    print(f"workers' memory growth (MiB): {sorted(grown.values())}")
+    assert grown, (before, after)
+    assert max(grown.values()) < 40, grown
+    wait_for(
+        lambda: stack.scalar('up{job="otel-collector"}') == 1,
+        timeout=60,
+        what="the collector to be scraped again",
+    )
+    # Traces flow again once both are back.
+    trace_id = new_trace_id()
+    post(stack, {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
+    wait_for(lambda: trace(trace_id), timeout=ARRIVAL * 2, what="traces to flow again")
+
+
+def test_grafana_links_exemplars_to_the_jaeger_it_can_reach(stack: Stack) -> None:
+    """The provisioned datasources: the Prometheus one sends an exemplar's trace_id to the
+    Jaeger one (by its fixed uid), whose URL answers Jaeger's API from inside the stack's
+    network (asked from the Prometheus container, as Grafana would ask)."""
+    provisioned = yaml.safe_load(
+        (REPO / "grafana/provisioning/datasources/datasources.yaml").read_text()
+    )
+    sources = {source["uid"]: source for source in provisioned["datasources"]}
+    assert sources["jaeger"]["type"] == "jaeger"
+    links = sources["prometheus"]["jsonData"]["exemplarTraceIdDestinations"]
+    assert links == [{"name": "trace_id", "datasourceUid": "jaeger"}]
+    url = sources["jaeger"]["url"] + "/api/services"
+    answer = stack.compose("exec", "-T", "prometheus", "wget", "-q", "-O", "-", url)
+    services = json.loads(answer)["data"]
+    assert "mnist-api" in services, services
+    # Every dashboard target that asks for exemplars reads the histogram's own buckets.
+    for path in sorted((REPO / "grafana/dashboards").glob("*.json")):
+        for panel in json.loads(path.read_text())["panels"]:
+            for target in panel["targets"]:
+                if target.get("exemplar"):
+                    assert "_bucket{" in target["expr"], (path.name, panel["title"])
