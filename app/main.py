@@ -47,7 +47,7 @@ def create_app(
     settings = settings or from_environment()
     telemetry_off = sdk_disabled() and meter_provider is None
     start_global_provider = not telemetry_off and meter_provider is None
-    metrics = Metrics(meter_provider)
+    metrics = Metrics(meter_provider, enabled=not telemetry_off)
     trace_slot = Tracing()
 
     @asynccontextmanager
@@ -58,7 +58,7 @@ def create_app(
         # This worker's own MeterProvider and TracerProvider, made here, after gunicorn's fork.
         traced = start_global_provider and not tracing_off()
         stop_metrics = (
-            start_provider(model.info.version, exemplars=traced) if start_global_provider else None
+            start_provider(model.info.version, metrics) if start_global_provider else None
         )
         stop_traces = None
         if traced:

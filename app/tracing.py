@@ -151,7 +151,7 @@ class TokenBucket:
 
 
 # The share of requests traced when nothing says otherwise (docs/design.md#traces).
-DEFAULT_RATIO = 0.05
+DEFAULT_RATIO = 0.02
 _RECORDED = frozenset((Decision.RECORD_AND_SAMPLE,))
 KEPT = "mnist.trace.kept"  # why a trace was kept: sampled, failed or slow
 
@@ -206,15 +206,16 @@ class Tracer:
         trace: RequestTrace,
         name: str,
         attributes: Attributes,
+        path: str,
         status: int,
         error: str | None,
         end: float,
-    ) -> Context | None:
-        """Emit the request's spans if it is kept; returns the server span's context (for
-        exemplars), or None."""
+    ) -> bool:
+        """Emit the request's spans if it is kept (its server span: `name`, `attributes` and
+        `url.path`); returns whether it was."""
         reason = self.why_kept(trace, name, status, error is not None, end - trace.start)
         if reason is None:
-            return None
+            return False
         from opentelemetry.sdk.trace import ReadableSpan
 
         server = SpanContext(trace.trace_id, trace.span_id, is_remote=False, trace_flags=SAMPLED)
@@ -230,7 +231,7 @@ class Tracer:
                 context=server,
                 parent=parent,
                 resource=self.resource,
-                attributes={**attributes, KEPT: reason},
+                attributes={**attributes, "url.path": path, KEPT: reason},
                 kind=SpanKind.SERVER,
                 status=Status(StatusCode.ERROR) if failed else Status(StatusCode.UNSET),
                 start_time=trace.wall,
@@ -257,7 +258,7 @@ class Tracer:
             )
         for span in spans:
             self.processor.on_end(span)
-        return trace_api.set_span_in_context(trace_api.NonRecordingSpan(server))
+        return True
 
 
 def _number(name: str, default: float) -> float:

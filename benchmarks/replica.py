@@ -122,7 +122,7 @@ def servers_to_compare(args: argparse.Namespace) -> dict[str, tuple[str, dict[st
                 **on,
                 # As compose.yaml sets them (wrk sends no traceparent: the ratio decides).
                 "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
-                "OTEL_TRACES_SAMPLER_ARG": os.environ.get("TRACES_SAMPLE_RATIO", "0.05"),
+                "OTEL_TRACES_SAMPLER_ARG": os.environ.get("TRACES_SAMPLE_RATIO", "0.02"),
             },
         )
         # Metrics alone: what the traces add is the difference.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -12,11 +13,29 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    HistogramDataPoint,
+    InMemoryMetricReader,
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
 
 from app.config import Settings
 from app.main import create_app
-from app.telemetry import LATENCY_BUCKETS, HttpServerMetrics, build_provider, instance_id
+from app.telemetry import (
+    FAST_BUCKETS,
+    LATENCY_BUCKETS,
+    METER_NAME,
+    FastHistogram,
+    HttpServerMetrics,
+    Metrics,
+    WithHistograms,
+    build_provider,
+    instance_id,
+)
 from tests.helpers import FakeModel, digit_image, png_bytes
 
 # One MNIST digit as an upload, posted by every test that needs a prediction.
@@ -27,9 +46,13 @@ def middleware_of(app: Any) -> list[Any]:
     return [m.cls for m in app.user_middleware]
 
 
-def collect(reader: InMemoryMetricReader) -> dict[str, Any]:
+def collect(reader: InMemoryMetricReader, client: TestClient | None = None) -> dict[str, Any]:
+    """Every metric by name: what the SDK collected, with the app's own histograms (as its
+    exporter adds them) when `client` is given."""
     data = reader.get_metrics_data()
     assert data is not None
+    if client is not None:
+        data = client.app.state.metrics.merged(data)  # type: ignore[attr-defined]
     found: dict[str, Any] = {}
     for resource_metrics in data.resource_metrics:
         for scope in resource_metrics.scope_metrics:
@@ -58,7 +81,7 @@ def test_predictions_are_counted_by_digit(
     digits = [client.post("/predict", files=DIGIT).json()["digit"] for _ in range(7)]
     batch = [("files", (f"{i}.png", png_bytes(digit_image()), "image/png")) for i in range(3)]
     assert client.post("/predict/batch", files=batch).status_code == 200
-    metrics = collect(reader)
+    metrics = collect(reader, client)
     predictions, resource = metrics["mnist.predictions"]
     points = list(predictions.data.data_points)
     assert sum(p.value for p in points) == 10
@@ -76,7 +99,7 @@ def test_internals_are_measured_in_seconds(
     client, reader = observed
     for _ in range(5):
         assert client.post("/predict", files=DIGIT).status_code == 200
-    metrics = collect(reader)
+    metrics = collect(reader, client)
     for name in ("mnist.preprocess.duration", "mnist.inference.duration", "mnist.queue.wait"):
         metric = metrics[name][0]
         assert metric.unit == "s"
@@ -97,7 +120,7 @@ def test_admission_is_measured_from_the_edges_stamp(
     stamped = {"X-Request-Start": f"t={time.time() - 0.2:.3f}"}
     assert client.post("/predict", files=DIGIT, headers=stamped).status_code == 200
     assert client.post("/predict", files=DIGIT).status_code == 200  # no stamp: no edge wait
-    metrics = collect(reader)
+    metrics = collect(reader, client)
     edge, _ = metrics["mnist.edge.wait"]
     assert edge.unit == "s"
     (point,) = edge.data.data_points
@@ -139,7 +162,7 @@ def test_http_duration_uses_stable_conventions_and_millisecond_buckets(
     client, reader = observed
     assert client.post("/predict", files=DIGIT).status_code == 200
     client.get("/healthz")  # excluded: health checks would drown the latency figures
-    found = collect(reader)
+    found = collect(reader, client)
     for unused in (
         "http.server.request.body.size",
         "http.server.response.body.size",
@@ -166,8 +189,7 @@ def test_http_errors_and_odd_methods_are_labelled_per_the_conventions(
 ) -> None:
     """5xx and exceptions carry error.type; a made-up method is _OTHER, not a new series."""
     monkeypatch.setenv("OTEL_SDK_DISABLED", "false")
-    reader = InMemoryMetricReader()
-    histogram = build_provider("test-1", [reader]).get_meter("t").create_histogram("d", unit="s")
+    histogram = FastHistogram("d", "s", "", LATENCY_BUCKETS, enabled=True)
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["path"] == "/boom":
@@ -183,14 +205,17 @@ def test_http_errors_and_odd_methods_are_labelled_per_the_conventions(
         client.request(f"BREW{n}", "/nowhere")
     client.get("/boom")
     client.get("/healthz")  # excluded
-    (metric,) = [m for m, _ in collect(reader).values()]
+    metric = histogram.metric(0, 1)
+    assert metric is not None
+    points = [p for p in metric.data.data_points if isinstance(p, HistogramDataPoint)]
     found = {
         (
             p.attributes["http.request.method"],
             p.attributes.get("http.response.status_code"),
             p.attributes.get("error.type"),
         ): p.count
-        for p in metric.data.data_points
+        for p in points
+        if p.attributes is not None
     }
     assert found == {
         ("GET", 503, "503"): 1,
@@ -235,12 +260,14 @@ from tests.helpers import FakeModel, digit_image, png_bytes
 reader = InMemoryMetricReader()
 metrics.set_meter_provider(build_provider("test-1", [reader]))
 # The global provider above stands in for the worker's own.
-app.main.start_provider = lambda version, exemplars=False: None
+app.main.start_provider = lambda version, metrics: None
 application = app.main.create_app(Settings(), model_loader=lambda _s: FakeModel())
 with TestClient(application) as client:
     upload = {"file": ("d.png", png_bytes(digit_image()), "image/png")}
     assert client.post("/predict", files=upload).status_code == 200
-for resource_metrics in reader.get_metrics_data().resource_metrics:
+# What the worker exports: the SDK's metrics (FastAPI's would be there) and the app's own.
+exported = application.state.metrics.merged(reader.get_metrics_data())
+for resource_metrics in exported.resource_metrics:
     for scope in resource_metrics.scope_metrics:
         for metric in scope.metrics:
             if metric.name.startswith("http."):
@@ -263,3 +290,71 @@ def test_fastapi_native_metrics_stay_off() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:-1] == ["mnist http.server.request.duration"]
+
+
+def test_the_apps_own_histograms_aggregate_as_the_sdks_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "false")
+    values = [0.0, 0.00005, 0.0001, 0.00042, 0.003, 0.003, 0.2, 7.5, 1e-7, 0.05]
+    reader = InMemoryMetricReader()
+    sdk = (
+        build_provider("t", [reader])
+        .get_meter("t")
+        .create_histogram("h", unit="s", explicit_bucket_boundaries_advisory=list(FAST_BUCKETS))
+    )
+    ours = FastHistogram("h", "s", "", FAST_BUCKETS, enabled=True)
+    assert ours.metric(0, 1) is None  # nothing recorded: nothing exported
+    for value in values:
+        sdk.record(value)
+        ours.record(value)
+    (expected,) = collect(reader)["h"][0].data.data_points
+    assert isinstance(expected, HistogramDataPoint)
+    metric = ours.metric(0, 1)
+    assert metric is not None
+    (point,) = metric.data.data_points
+    assert isinstance(point, HistogramDataPoint)
+    assert list(point.bucket_counts) == list(expected.bucket_counts)
+    assert tuple(point.explicit_bounds) == tuple(expected.explicit_bounds)
+    assert (point.count, point.min, point.max) == (expected.count, expected.min, expected.max)
+    assert point.sum == pytest.approx(expected.sum)
+    off = FastHistogram("h", "s", "", FAST_BUCKETS, enabled=False)
+    off.record(1.0)
+    assert off.metric(0, 1) is None
+
+
+class Captured(MetricExporter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.exported: list[MetricsData] = []
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> Any:
+        self.exported.append(metrics_data)
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        pass
+
+
+def test_the_exporter_sends_the_apps_histograms_with_the_sdks_metrics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "false")
+    metrics = Metrics(MeterProvider(), enabled=True)
+    inner = Captured()
+    exporter = WithHistograms(inner, metrics)
+    provider = build_provider("t", [PeriodicExportingMetricReader(exporter, math.inf)])
+    provider.get_meter(METER_NAME).create_counter("c").add(1)
+    metrics.queue_wait.record(0.001)
+    provider.force_flush()
+    (data,) = inner.exported
+    (scope,) = data.resource_metrics[0].scope_metrics
+    assert scope.scope.name == METER_NAME
+    assert sorted(m.name for m in scope.metrics) == ["c", "mnist.queue.wait"]
+    assert data.resource_metrics[0].resource.attributes["service.version"] == "t"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "delta")
+    with pytest.raises(ValueError, match="only cumulative"):
+        WithHistograms(Captured(), metrics)

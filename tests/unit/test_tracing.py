@@ -24,6 +24,7 @@ from app.logs import JsonFormatter
 from app.main import create_app
 from app.telemetry import build_provider, worker_resource
 from app.tracing import (
+    DEFAULT_RATIO,
     RequestTrace,
     TokenBucket,
     Tracer,
@@ -95,7 +96,7 @@ def traced(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Trac
     app = create_app(
         settings,
         model_loader=lambda _s: FakeModel(),
-        meter_provider=build_provider("test-1", [reader], exemplars=True),
+        meter_provider=build_provider("test-1", [reader]),
     )
     exporter = InMemorySpanExporter()
     with TestClient(app) as client:
@@ -215,6 +216,7 @@ def test_the_latency_exemplar_names_the_kept_trace(traced: Traced) -> None:
     assert traced.post({"traceparent": traceparent(False, trace_id=TRACE_ID + 1)}) == 200
     data = traced.reader.get_metrics_data()
     assert data is not None
+    data = traced.client.app.state.metrics.merged(data)  # type: ignore[attr-defined]
     exemplars = [
         exemplar
         for resource_metrics in data.resource_metrics
@@ -258,7 +260,7 @@ def test_the_default_sampler_is_a_ratio_not_every_request(monkeypatch: pytest.Mo
     monkeypatch.delenv("OTEL_TRACES_SAMPLER_ARG", raising=False)
     exporter = SimpleSpanProcessor(InMemorySpanExporter())
     tracer, shutdown = start_tracer(worker_resource("t"), exporter)
-    assert "TraceIdRatioBased{0.05}" in tracer.sampler.get_description()
+    assert f"TraceIdRatioBased{{{DEFAULT_RATIO}}}" in tracer.sampler.get_description()
     shutdown()
     # The standard variables, when set, decide.
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_off")
