@@ -40,7 +40,7 @@ fi
 # Head sampling of the traces the edge starts (TRACES_SAMPLE_RATIO, 0 to 1): split_clients on
 # the trace id, in per cent with two decimals.
 ratio=$(printenv TRACES_SAMPLE_RATIO || true)
-ratio=${ratio:-0.05}
+ratio=${ratio:-0.02}
 trace_split=$(awk -v r="$ratio" 'BEGIN {
   if (r !~ /^(0|1)?(\.[0-9]+)?$/ || r == "" || r == "." || r + 0 > 1) exit 1
   p = r * 100
