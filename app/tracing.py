@@ -273,7 +273,11 @@ def _number(name: str, default: float) -> float:
 
 
 def tracing_off() -> bool:
-    exporter = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
+    """OTEL_SDK_DISABLED=true or OTEL_TRACES_EXPORTER=none; raises for an exporter this
+    service does not have (only OTLP/HTTP)."""
+    exporter = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() or "otlp"
+    if exporter not in ("otlp", "none"):
+        raise ValueError(f"OTEL_TRACES_EXPORTER={exporter!r}: this service exports otlp or none")
     return exporter == "none" or os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
 
 

@@ -31,6 +31,7 @@ from app.tracing import (
     begin,
     parse_traceparent,
     start_tracer,
+    tracing_off,
 )
 from tests.helpers import FakeModel, digit_image, png_bytes
 
@@ -269,3 +270,13 @@ def test_the_default_sampler_is_a_ratio_not_every_request(monkeypatch: pytest.Mo
     )
     assert tracer.sampler.get_description().startswith("ParentBased{root:AlwaysOffSampler")
     shutdown()
+
+
+def test_an_exporter_the_service_lacks_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "false")
+    for value, off in (("", False), ("otlp", False), ("none", True), (" NONE ", True)):
+        monkeypatch.setenv("OTEL_TRACES_EXPORTER", value)
+        assert tracing_off() is off
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    with pytest.raises(ValueError, match="zipkin"):
+        tracing_off()
