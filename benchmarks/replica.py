@@ -127,6 +127,9 @@ def servers_to_compare(args: argparse.Namespace) -> dict[str, tuple[str, dict[st
         )
         # Metrics alone: what the traces add is the difference.
         apps["service+metrics"] = ("app.main:app", {**on, "OTEL_TRACES_EXPORTER": "none"})
+        # The service again, as shipped with telemetry off: its ratio to the service is this
+        # run's noise floor, against which the telemetry's few per cent are read.
+        apps["service-again"] = ("app.main:app", dict(off))
     if args.breakdown:
         apps[BATCHING_ONLY] = ("benchmarks.baselines.modelonly:batching_app", off)
         apps[MODEL_ONLY] = ("benchmarks.baselines.modelonly:app", off)

@@ -62,18 +62,12 @@ standin_jaeger() {
   ensure_debian_base sid
   key="$(fingerprint "=jaeger=${module}" "=CGO_ENABLED=0 $(uname -m)")"
   hash="$(fingerprint "${STANDINS_SRC}/jaeger" "=binary=${key}" "=base=$(image_id "${STANDIN_REPO}/debian:sid")")"
-  if ! wants_rebuild jaeger && [ "$(image_label "${tag}" "${INPUTS_LABEL}")" = "${hash}" ]; then
-    log "${tag}: up to date"
+  if image_current jaeger "${tag}" "${hash}"; then
     STANDIN_TAG="${tag}"
     return 0
   fi
   binary="$(ensure_jaeger_binary "${module}" "${key}")"
-  context="${CACHE_DIR}/context/jaeger"
-  rm -rf "${context}"
-  mkdir -p "${context}"
-  cp -a "${STANDINS_SRC}/jaeger/." "${context}/"
-  cp "$(dirname "${binary}")/sampling-strategies.json" "${context}/"
-  ln "${binary}" "${context}/jaeger-linux" 2>/dev/null || cp "${binary}" "${context}/jaeger-linux"
+  context="$(binary_context jaeger "${binary}" "$(dirname "${binary}")/sampling-strategies.json")"
   build_image jaeger "${tag}" "${context}" "${hash}" --build-arg "BASE_IMAGE=${STANDIN_REPO}/debian:sid"
   rm -rf "${context}"
   if [ "${BUILT}" = 1 ]; then

@@ -208,6 +208,30 @@ build_image() {
   BUILT=1
 }
 
+# True when TAG was built from inputs HASH and no rebuild of NAME is asked for (then says so).
+#   image_current NAME TAG HASH
+image_current() {
+  if ! wants_rebuild "$1" && [ "$(image_label "$2" "${INPUTS_LABEL}")" = "$3" ]; then
+    log "$2: up to date"
+    return 0
+  fi
+  return 1
+}
+
+# A fresh build context for a stand-in made of a binary: standins/NAME/, then the FILEs and the
+# BINARY, each under its own name (the binary hard-linked where it can be). Prints its path.
+#   binary_context NAME BINARY [FILE...]
+binary_context() {
+  local name="$1" binary="$2" context="${CACHE_DIR}/context/$1"
+  shift 2
+  rm -rf "${context}"
+  mkdir -p "${context}"
+  cp -a "${STANDINS_SRC}/${name}/." "${context}/"
+  [ "$#" -eq 0 ] || cp "$@" "${context}/"
+  ln "${binary}" "${context}/" 2>/dev/null || cp "${binary}" "${context}/"
+  printf '%s\n' "${context}"
+}
+
 # Images that a rebuild replaced; removed at the end of the run where nothing uses them any more.
 RETIRED_IMAGES=()
 

@@ -101,18 +101,13 @@ standin_otelcol() {
   # The image's inputs: its Dockerfile and config, the CA bundle and the binary's cache key (so an
   # up-to-date image needs no binary: a fresh checkout does not rebuild the collector).
   hash="$(fingerprint "${STANDINS_SRC}/otelcol" "${HOST_CA_BUNDLE}" "=binary=${key}")"
-  if ! wants_rebuild otelcol && [ "$(image_label "${tag}" "${INPUTS_LABEL}")" = "${hash}" ]; then
-    log "${tag}: up to date"
+  if image_current otelcol "${tag}" "${hash}"; then
     STANDIN_TAG="${tag}"
     return 0
   fi
   binary="$(ensure_otelcol_binary "${version}" "${key}")"
-  context="${CACHE_DIR}/context/otelcol"
-  rm -rf "${context}"
-  mkdir -p "${context}"
-  cp -a "${STANDINS_SRC}/otelcol/." "${context}/"
-  cp "${HOST_CA_BUNDLE}" "${context}/ca-certificates.crt"
-  ln "${binary}" "${context}/otelcol-contrib" 2>/dev/null || cp "${binary}" "${context}/otelcol-contrib"
+  # The host's CA bundle is /etc/ssl/certs/ca-certificates.crt: the name the Dockerfile copies.
+  context="$(binary_context otelcol "${binary}" "${HOST_CA_BUNDLE}")"
   build_image otelcol "${tag}" "${context}" "${hash}"
   rm -rf "${context}"
   if [ "${BUILT}" = 1 ]; then
