@@ -150,9 +150,12 @@ class Series:
         if value > self.max:
             self.max = value
         if trace is not None:  # a kept trace: this measurement is its exemplar
-            if not self.exemplars:
-                self.exemplars = [None] * len(self.counts)
-            self.exemplars[index] = Exemplar({}, value, time_ns(), trace.span_id, trace.trace_id)
+            # One read of the list: the export thread may swap it for an empty one meanwhile
+            # (the exemplar then lands in the list it took, or in the next).
+            exemplars = self.exemplars
+            if not exemplars:
+                exemplars = self.exemplars = [None] * len(self.counts)
+            exemplars[index] = Exemplar({}, value, time_ns(), trace.span_id, trace.trace_id)
 
     def point(self, start: int, now: int) -> HistogramDataPoint | None:
         counts = list(self.counts)  # one copy: the event loop may record meanwhile
