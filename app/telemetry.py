@@ -143,15 +143,18 @@ class Series:
 
     def record(self, value: float, trace: tracing.RequestTrace | None = None) -> None:
         index = bisect_left(self.bounds, value)
-        self.counts[index] += 1
+        # The count last: an export in between sees a sum and extremes ahead of the counts
+        # (made good by the next export), never a count without them.
         self.sum += value
         if value < self.min:
             self.min = value
         if value > self.max:
             self.max = value
+        self.counts[index] += 1
         if trace is not None:  # a kept trace: this measurement is its exemplar
             # One read of the list: the export thread may swap it for an empty one meanwhile
-            # (the exemplar then lands in the list it took, or in the next).
+            # (the exemplar then lands in the list it took, in time for its export or too late
+            # and lost, or in the next).
             exemplars = self.exemplars
             if not exemplars:
                 exemplars = self.exemplars = [None] * len(self.counts)
@@ -312,8 +315,9 @@ class Metrics:
         return histogram
 
     def merged(self, data: MetricsData) -> MetricsData:
-        """`data` (what the SDK collected) with the internal histograms added to this meter's
-        scope. They ride with the SDK's own metrics, which always hold the gauges."""
+        """`data` (what the SDK collected) with the histograms added to this meter's scope.
+        They ride with the SDK's own metrics: the SDK exports only when it collected something,
+        which the observable gauges (queue depth, admission) make every time."""
         now = time_ns()
         extra = [m for h in self.histograms if (m := h.metric(self.started, now)) is not None]
         if not extra or not data.resource_metrics:
@@ -364,9 +368,11 @@ class Metrics:
         self.batch_size.record(record.size)
         self.inference.record(record.finished - record.started)
         batch: dict[str, Any] | None = None
+        traced: set[int] = set()  # a request with several images in the batch: its spans once
         for wait, trace in zip(record.queue_waits, record.tags, strict=True):
             self.queue_wait.record(wait)
-            if isinstance(trace, tracing.RequestTrace):
+            if isinstance(trace, tracing.RequestTrace) and id(trace) not in traced:
+                traced.add(id(trace))
                 if batch is None:
                     batch = {"mnist.batch.number": record.number, "mnist.batch.size": record.size}
                 trace.step("mnist.queue.wait", record.started - wait, record.started)

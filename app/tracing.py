@@ -13,11 +13,13 @@ What a kept trace holds (docs/design.md#traces):
 Every request records only timestamps on its way (a few tuple appends); the spans are built
 when it ends, and only for the requests kept:
 
-* head-sampled ones: the parent's sampled flag, or the SDK's sampler for a request without a
-  parent (OTEL_TRACES_SAMPLER, default parent-based with ratio OTEL_TRACES_SAMPLER_ARG);
-* failed (4xx, 5xx, an exception) or slow (TRACES_SLOW_MS) ones, sampled or not, at most
-  TRACES_KEPT_PER_SECOND per worker beyond the sampled ones, so that a flood of refusals cannot
-  turn into a flood of spans. The Collector's tail sampling keeps the same three kinds whole.
+* head-sampled ones: by the SDK's sampler (OTEL_TRACES_SAMPLER, default parent-based with
+  ratio OTEL_TRACES_SAMPLER_ARG), which follows the edge's decision, or a client's sampled flag;
+* failed (4xx, 5xx, an exception) or slow (TRACES_SLOW_MS) ones, sampled or not.
+Those sampled on a client's say and the failed or slow ones together: at most
+TRACES_KEPT_PER_SECOND per worker, so that neither a flood of refusals nor a client that marks
+every request sampled turns into a flood of spans. The Collector's tail sampling keeps the same
+kinds whole.
 
 The edge makes a `traceparent` for a request that has none: trace id = nginx's `$request_id`,
 parent id = its first 16 hex digits, sampled by the same ratio (nginx/nginx.conf.template).
@@ -174,18 +176,23 @@ class Tracer:
         self.sampler = sampler
         self.resource = resource
         self.slow_seconds = slow_seconds
-        self.rescues = TokenBucket(kept_per_second, max(1.0, kept_per_second))
+        self.rescues = TokenBucket(
+            kept_per_second, max(1.0, kept_per_second) if kept_per_second else 0.0
+        )
         self.scope = InstrumentationScope("mnist")
 
     def why_kept(
         self, trace: RequestTrace, name: str, status: int, error: bool, seconds: float
     ) -> str | None:
-        if self._head_sampled(trace, name):
-            return "sampled"
+        sampled = self._head_sampled(trace, name)
+        if sampled and not trace.parent_id:
+            return "sampled"  # decided here or at the edge: bounded by the ratio
         failed = error or status >= 400
         slow = seconds >= self.slow_seconds
-        if (failed or slow) and self.rescues.take():
-            return "failed" if failed else "slow"
+        # A client's sampled flag is a request from outside: bounded like the rescues, so
+        # that no client can make every request pay for a trace.
+        if (sampled or failed or slow) and self.rescues.take():
+            return "sampled" if sampled else "failed" if failed else "slow"
         return None
 
     def _head_sampled(self, trace: RequestTrace, name: str) -> bool:
@@ -264,12 +271,20 @@ class Tracer:
 def _number(name: str, default: float) -> float:
     raw = os.environ.get(name, "").strip()
     try:
-        value = float(raw) if raw else default
+        value = float(raw) if raw else float(default)
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not a number") from None
     if value < 0:
         raise ValueError(f"{name}={raw!r} must not be negative")
     return value
+
+
+def _whole(name: str, default: int) -> int:
+    """A whole number of milliseconds (the Collector's latency policy reads the same one)."""
+    value = _number(name, default)
+    if not value.is_integer():
+        raise ValueError(f"{name}={value} must be a whole number")
+    return int(value)
 
 
 def tracing_off() -> bool:
@@ -309,7 +324,7 @@ def start_tracer(
         processor,
         provider.sampler,
         provider.resource,
-        slow_seconds=_number("TRACES_SLOW_MS", 250) / 1000.0,
+        slow_seconds=_whole("TRACES_SLOW_MS", 250) / 1000.0,
         kept_per_second=_number("TRACES_KEPT_PER_SECOND", 10),
     )
     log.info("traces: OTLP export, sampler %s", provider.sampler.get_description())

@@ -99,7 +99,8 @@ def test_unsampled_requests_leave_no_trace_unless_they_fail(stack: Stack) -> Non
         stack, {"traceparent": f"00-{failed}-{secrets.token_hex(8)}-00"}, body=b"not a form"
     )
     assert 400 <= status < 500
-    # Sent last: once it is in Jaeger, whatever the others would have left is there too.
+    # Sent last: once it is in Jaeger, and once every other replica has exported since (every
+    # 5 s) and the tail sampler decided (5 s), whatever the others left is there too.
     marker = new_trace_id()
     assert post(stack, {"traceparent": f"00-{marker}-{secrets.token_hex(8)}-01"})[0] == 200
     wait_for(lambda: trace(marker), timeout=ARRIVAL, what="the sampled marker trace")
@@ -107,7 +108,13 @@ def test_unsampled_requests_leave_no_trace_unless_they_fail(stack: Stack) -> Non
     server = spans_by_name(kept)["POST /predict"]
     assert tags(server)["mnist.trace.kept"] == "failed"
     assert tags(server)["http.response.status_code"] == status
-    assert [trace_id for trace_id in unsampled if trace(trace_id) is not None] == []
+    time.sleep(12)
+    for trace_id in unsampled:
+        found = trace(trace_id)
+        if found is not None:  # only if it was slow (TRACES_SLOW_MS, 250 ms) on a busy machine
+            left = spans_by_name(found)["POST /predict"]
+            assert tags(left)["mnist.trace.kept"] == "slow", tags(left)
+            assert left["duration"] >= 250_000, left["duration"]
 
 
 def test_the_edge_starts_a_trace_and_logs_its_id(stack: Stack) -> None:
@@ -131,24 +138,25 @@ def test_the_edge_starts_a_trace_and_logs_its_id(stack: Stack) -> None:
 
 
 def test_exemplars_name_traces_that_jaeger_returns(stack: Stack) -> None:
-    for _ in range(20):
-        post(stack, {"traceparent": f"00-{new_trace_id()}-{secrets.token_hex(8)}-01"})
+    sent = {new_trace_id() for _ in range(20)}
+    for trace_id in sent:
+        post(stack, {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"})
 
-    def exemplar_ids() -> list[str] | None:
+    def exemplars_of_ours() -> set[str] | None:
         now = time.time()
         data = stack.prometheus_api(
             "query_exemplars",
             query='http_server_request_duration_seconds_bucket{job="mnist-api"}',
-            start=str(now - 600),
+            start=str(now - 300),
             end=str(now),
         )
-        ids = [e["labels"]["trace_id"] for series in data for e in series["exemplars"]]
-        return ids or None
+        ids = {e["labels"]["trace_id"] for series in data for e in series["exemplars"]}
+        return (ids & sent) or None
 
-    ids = wait_for(exemplar_ids, timeout=60, what="exemplars in Prometheus")
-    assert all(len(i) == 32 for i in ids)
-    # An exemplar's trace is in Jaeger (the newest: older ones may predate a restart of Jaeger).
-    wait_for(lambda: trace(ids[-1]), timeout=ARRIVAL, what=f"exemplar trace {ids[-1]} in Jaeger")
+    ours = wait_for(exemplars_of_ours, timeout=60, what="exemplars of the requests sent")
+    # The trace an exemplar names is in Jaeger.
+    trace_id = sorted(ours)[0]
+    wait_for(lambda: trace(trace_id), timeout=ARRIVAL, what=f"exemplar trace {trace_id} in Jaeger")
 
 
 def worker_memory(stack: Stack) -> dict[str, float]:
@@ -156,9 +164,10 @@ def worker_memory(stack: Stack) -> dict[str, float]:
 
 
 def test_without_jaeger_or_the_collector_requests_are_unaffected(stack: Stack) -> None:
-    """Every request sampled (its traceparent says so), so every one exports spans, while the
-    trace store, then the Collector, is down: no request fails, and the workers' memory stays
-    bounded by the span queue (the SDK drops what does not fit)."""
+    """Every request marked sampled (its traceparent says so; each worker keeps at most
+    TRACES_KEPT_PER_SECOND of them) while the trace store, then the Collector, is down: no
+    request fails, and the workers' memory stays bounded by the span queue (the SDK drops what
+    does not fit)."""
     stack.ensure_replicas(REPLICAS)
     before = worker_memory(stack)
     for service in ("jaeger", "otel-collector"):

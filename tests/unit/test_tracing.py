@@ -117,6 +117,7 @@ def by_name(spans: list[ReadableSpan]) -> dict[str, ReadableSpan]:
 
 def test_a_sampled_request_has_one_trace_from_its_parent_to_the_batch(traced: Traced) -> None:
     assert traced.post({"traceparent": traceparent(True)}) == 200
+    assert len(traced.spans()) == 6
     spans = by_name(traced.spans())
     assert set(spans) == {
         "POST /predict",
@@ -200,16 +201,40 @@ def test_an_error_is_kept_with_an_error_status(traced: Traced) -> None:
     assert server.attributes["mnist.trace.kept"] == "failed"
 
 
-def test_kept_failures_are_bounded_per_second(traced: Traced) -> None:
+def test_kept_failures_and_client_sampled_traces_are_bounded(traced: Traced) -> None:
     tracer = traced.client.app.state.tracing.tracer  # type: ignore[attr-defined]
-    tracer.rescues = TokenBucket(1, 3)
+    tracer.rescues = TokenBucket(1, 3, clock=lambda: 0.0)  # time stands still: no refill
+
+    def servers() -> int:
+        return len([s for s in traced.spans() if s.kind == SpanKind.SERVER])
+
     bad = {"file": ("x.txt", b"not an image", "text/plain")}
     assert [traced.post(files=bad) for _ in range(10)] == [415] * 10
-    kept = [s for s in traced.spans() if s.kind == SpanKind.SERVER]
-    assert 3 <= len(kept) <= 4  # the burst, and at most one more token in the test's time
-    # A sampled one is always kept.
+    assert servers() == 3  # the burst
+    # A client that marks its request sampled draws on the same bound: nothing left.
     assert traced.post({"traceparent": traceparent(True)}) == 200
-    assert len([s for s in traced.spans() if s.kind == SpanKind.SERVER]) == len(kept) + 1
+    assert servers() == 3
+    # A trace the edge sampled is kept whatever the bound (the ratio bounds it).
+    edge = traceparent(True, parent=TRACE_ID >> 64)
+    assert traced.post({"traceparent": edge}) == 200
+    assert servers() == 4
+    # No rescues at all when the rate is 0.
+    assert not TokenBucket(0, 0).take()
+
+
+def test_a_request_with_several_images_has_each_batch_once(traced: Traced) -> None:
+    files = [("files", (f"{i}.png", png_bytes(digit_image()), "image/png")) for i in range(3)]
+    response = traced.client.post(
+        "/predict/batch", files=files, headers={"traceparent": traceparent(True)}
+    )
+    assert response.status_code == 200
+    names = sorted(span.name for span in traced.spans())
+    assert names.count("mnist.decode") == names.count("mnist.preprocess") == 3
+    batches = [s for s in traced.spans() if s.name == "mnist.inference"]
+    assert len(batches) == names.count("mnist.queue.wait") >= 1
+    assert len({s.attributes["mnist.batch.number"] for s in batches if s.attributes}) == len(
+        batches
+    )
 
 
 def test_the_latency_exemplar_names_the_kept_trace(traced: Traced) -> None:
