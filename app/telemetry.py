@@ -415,19 +415,22 @@ class HttpServerMetrics:
         self.histogram = histogram
         self.excluded_paths = frozenset(excluded_paths)
         self.tracing = tracing or Tracing()
-        # One attribute set, and its series, per (method, scheme, version, route, status,
-        # error): bounded by the app's routes, the status codes and the exception types of the
-        # code. Built once, reused for every request.
-        self._attributes: dict[tuple[Any, ...], tuple[dict[str, Any], Series]] = {}
+        # One attribute set, its series and its span name, per (method, scheme, version,
+        # route, status, error): bounded by the app's routes, the status codes and the
+        # exception types of the code. Built once, reused for every request.
+        self._attributes: dict[tuple[Any, ...], tuple[dict[str, Any], Series, str]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.excluded_paths:
             await self.app(scope, receive, send)
             return
         tracer = self.tracing.tracer
-        request_trace = tracing.begin(scope["headers"]) if tracer is not None else None
-        token = tracing.CURRENT.set(request_trace)
-        started = request_trace.start if request_trace is not None else perf_counter()
+        if tracer is not None:
+            request_trace = tracing.begin(scope["headers"])
+            token = tracing.CURRENT.set(request_trace)
+            started = request_trace.start
+        else:
+            started = perf_counter()
         status = 0
 
         async def send_observed(message: Message) -> None:
@@ -446,29 +449,22 @@ class HttpServerMetrics:
             raise
         finally:
             ended = perf_counter()
-            attributes, series = self._attributes_of(scope, status, error)
+            attributes, series, name = self._attributes_of(scope, status, error)
             kept = None
-            if tracer is not None and request_trace is not None:
+            if tracer is not None:
                 try:
-                    if tracer.finish(
-                        request_trace,
-                        span_name(attributes),
-                        attributes,
-                        scope["path"],
-                        status,
-                        error,
-                        ended,
-                    ):
+                    path = scope["path"]
+                    if tracer.finish(request_trace, name, attributes, path, status, error, ended):
                         kept = request_trace
                 except Exception:  # telemetry must never break serving
                     log.exception("tracing a request failed")
-            tracing.CURRENT.reset(token)
+                tracing.CURRENT.reset(token)
             # A kept trace: the measurement carries its trace id as an exemplar.
             series.record(ended - started, kept)
 
     def _attributes_of(
         self, scope: Scope, status: int, error: str | None
-    ) -> tuple[dict[str, Any], Series]:
+    ) -> tuple[dict[str, Any], Series, str]:
         route = getattr(scope.get("route"), "path", None)  # set by the router on a match
         # The method is normalised before it is part of the key: made-up methods must not grow
         # this cache any more than they may make series.
@@ -487,7 +483,8 @@ class HttpServerMetrics:
                 attributes["http.response.status_code"] = status
             if error is not None or status >= 500 or not status:
                 attributes["error.type"] = error or (str(status) if status else "_OTHER")
-            found = self._attributes[key] = (attributes, self.histogram.series(attributes))
+            found = (attributes, self.histogram.series(attributes), span_name(attributes))
+            self._attributes[key] = found
         return found
 
 
