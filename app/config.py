@@ -76,6 +76,19 @@ class Settings(BaseSettings):
         description="Requests one worker lets wait for a place; beyond, 503 at once. A bound "
         "on memory, far above what the latency budget lets wait.",
     )
+    # --- traces (app/tracing.py; the standard OTEL_TRACES_* variables are the SDK's) -------
+    traces_slow_ms: int = Field(
+        default=250,
+        ge=0,
+        description="A request slower than this keeps its trace even when not sampled. Whole "
+        "milliseconds: the Collector's tail sampling reads the same variable.",
+    )
+    traces_kept_per_second: float = Field(
+        default=10.0,
+        ge=0.0,
+        description="Per worker, at most this many traces a second are kept beyond the ones "
+        "sampled by the ratio: the failed and slow ones, and those a client marked sampled.",
+    )
     preprocess_threads: int = Field(default=2, ge=1, le=64)
     inline_preprocess_max_pixels: int = Field(
         default=128 * 128,

@@ -62,7 +62,8 @@ def create_app(
         )
         stop_traces = None
         if traced:
-            trace_slot.tracer, stop_traces = start_tracer(worker_resource(model.info.version))
+            resource = worker_resource(model.info.version)
+            trace_slot.tracer, stop_traces = start_tracer(resource, settings)
         classifier = Classifier(settings, model, metrics, normalize)
         metrics.watch_queue(lambda: classifier.batcher.depth)
         await classifier.start()

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import SpanProcessor
     from opentelemetry.sdk.trace.sampling import Sampler
 
+    from app.config import Settings
+
 log = logging.getLogger(__name__)
 
 TRACEPARENT = b"traceparent"
@@ -268,7 +270,7 @@ class Tracer:
         return True
 
 
-def _number(name: str, default: float) -> float:
+def _ratio(name: str, default: float) -> float:
     raw = os.environ.get(name, "").strip()
     try:
         value = float(raw) if raw else float(default)
@@ -277,14 +279,6 @@ def _number(name: str, default: float) -> float:
     if value < 0:
         raise ValueError(f"{name}={raw!r} must not be negative")
     return value
-
-
-def _whole(name: str, default: int) -> int:
-    """A whole number of milliseconds (the Collector's latency policy reads the same one)."""
-    value = _number(name, default)
-    if not value.is_integer():
-        raise ValueError(f"{name}={value} must be a whole number")
-    return int(value)
 
 
 def tracing_off() -> bool:
@@ -297,7 +291,7 @@ def tracing_off() -> bool:
 
 
 def start_tracer(
-    resource: Any, processor: SpanProcessor | None = None
+    resource: Any, settings: Settings, processor: SpanProcessor | None = None
 ) -> tuple[Tracer, Callable[[], None]]:
     """This worker's TracerProvider (global, for any library that makes spans) and the Tracer
     of its requests, exporting over OTLP/HTTP unless given `processor`; returns the Tracer and
@@ -315,7 +309,7 @@ def start_tracer(
     if not os.environ.get("OTEL_TRACES_SAMPLER", "").strip():
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-        ratio = _number("OTEL_TRACES_SAMPLER_ARG", DEFAULT_RATIO)
+        ratio = _ratio("OTEL_TRACES_SAMPLER_ARG", DEFAULT_RATIO)
         sampler = ParentBased(TraceIdRatioBased(min(ratio, 1.0)))
     provider = TracerProvider(resource=resource, sampler=sampler)
     provider.add_span_processor(processor)
@@ -324,8 +318,8 @@ def start_tracer(
         processor,
         provider.sampler,
         provider.resource,
-        slow_seconds=_whole("TRACES_SLOW_MS", 250) / 1000.0,
-        kept_per_second=_number("TRACES_KEPT_PER_SECOND", 10),
+        slow_seconds=settings.traces_slow_ms / 1000.0,
+        kept_per_second=settings.traces_kept_per_second,
     )
     log.info("traces: OTLP export, sampler %s", provider.sampler.get_description())
 

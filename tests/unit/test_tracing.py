@@ -285,13 +285,13 @@ def test_the_default_sampler_is_a_ratio_not_every_request(monkeypatch: pytest.Mo
     monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)
     monkeypatch.delenv("OTEL_TRACES_SAMPLER_ARG", raising=False)
     exporter = SimpleSpanProcessor(InMemorySpanExporter())
-    tracer, shutdown = start_tracer(worker_resource("t"), exporter)
+    tracer, shutdown = start_tracer(worker_resource("t"), Settings(), exporter)
     assert f"TraceIdRatioBased{{{DEFAULT_RATIO}}}" in tracer.sampler.get_description()
     shutdown()
     # The standard variables, when set, decide.
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_off")
     tracer, shutdown = start_tracer(
-        worker_resource("t"), SimpleSpanProcessor(exporter.span_exporter)
+        worker_resource("t"), Settings(), SimpleSpanProcessor(exporter.span_exporter)
     )
     assert tracer.sampler.get_description().startswith("ParentBased{root:AlwaysOffSampler")
     shutdown()
