@@ -18,13 +18,8 @@ jaeger_module_version() {
 # `go install pkg@version` refuses the module (its go.mod has a replace directive), so the module
 # is downloaded and built as the main module.
 ensure_jaeger_binary() {
-  local version="$1" key="$2" dir binary
-  dir="${CACHE_DIR}/jaeger/${key}"
-  binary="${dir}/jaeger-linux"
-  if [ -x "${binary}" ] && ! wants_rebuild jaeger; then
-    printf '%s\n' "${binary}"
-    return 0
-  fi
+  local version="$1" key="$2" binary="${CACHE_DIR}/jaeger/$2/jaeger-linux"
+  cached_binary jaeger "${key}" jaeger-linux && return 0
   command -v go >/dev/null || die "building the Jaeger stand-in needs Go (https://go.dev/dl/)"
   local work="${CACHE_DIR}/jaeger/build" started="${SECONDS}" source
   rm -rf "${work}"
@@ -43,10 +38,7 @@ ensure_jaeger_binary() {
   fi
   cp "${work}/src/cmd/jaeger/sampling-strategies.json" "${work}/sampling-strategies.json"
   expect_output "the Jaeger binary runs" "Jaeger backend v2" "${work}/jaeger-linux" --help
-  find "${CACHE_DIR}/jaeger" -mindepth 1 -maxdepth 1 -type d -not -name build -not -name "${key}" \
-    -exec rm -rf {} +
-  mkdir -p "${dir}"
-  mv "${work}/jaeger-linux" "${work}/sampling-strategies.json" "${dir}/"
+  keep_binary jaeger "${key}" "${work}/jaeger-linux" "${work}/sampling-strategies.json"
   rm -rf "${work}"
   log "Jaeger binary: $(du -h "${binary}" | cut -f1) in $((SECONDS - started))s"
   printf '%s\n' "${binary}"

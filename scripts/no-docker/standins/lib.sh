@@ -208,6 +208,25 @@ build_image() {
   BUILT=1
 }
 
+# The binary FILE of stand-in NAME built for KEY, from the cache: prints its path and succeeds
+# when it is there and no rebuild of NAME is asked for.
+#   cached_binary NAME KEY FILE
+cached_binary() {
+  local binary="${CACHE_DIR}/$1/$2/$3"
+  [ -x "${binary}" ] && ! wants_rebuild "$1" && printf '%s\n' "${binary}"
+}
+
+# Moves the FILEs just built into NAME's cache under KEY, and keeps no other key's.
+#   keep_binary NAME KEY FILE...
+keep_binary() {
+  local name="$1" key="$2" dir="${CACHE_DIR}/$1/$2"
+  shift 2
+  find "${CACHE_DIR}/${name}" -mindepth 1 -maxdepth 1 -type d -not -name build -not -name "${key}" \
+    -exec rm -rf {} +
+  mkdir -p "${dir}"
+  mv "$@" "${dir}/"
+}
+
 # True when TAG was built from inputs HASH and no rebuild of NAME is asked for (then says so).
 #   image_current NAME TAG HASH
 image_current() {

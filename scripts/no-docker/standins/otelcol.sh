@@ -23,13 +23,8 @@ otelcol_key() {
 
 # Builds (or finds in the cache) the collector binary for KEY; prints its path.
 ensure_otelcol_binary() {
-  local version="$1" key="$2" dir binary
-  dir="${CACHE_DIR}/otelcol/${key}"
-  binary="${dir}/otelcol-contrib"
-  if [ -x "${binary}" ] && ! wants_rebuild otelcol; then
-    printf '%s\n' "${binary}"
-    return 0
-  fi
+  local version="$1" key="$2" binary="${CACHE_DIR}/otelcol/$2/otelcol-contrib"
+  cached_binary otelcol "${key}" otelcol-contrib && return 0
   command -v go >/dev/null || die "building the collector stand-in needs Go (https://go.dev/dl/)"
 
   # The builder of the same release as the manifest's components.
@@ -60,11 +55,7 @@ ensure_otelcol_binary() {
   [ -x "${work}/_build/otelcol-contrib" ] || die "the builder produced no ${work}/_build/otelcol-contrib"
   check_unverified_sums "${work}/_build/go.sum"
   expect_output "the collector binary runs" "version ${version//./\\.}" "${work}/_build/otelcol-contrib" --version
-  # Keep only this key's binary.
-  find "${CACHE_DIR}/otelcol" -mindepth 1 -maxdepth 1 -type d -not -name build -not -name "${key}" \
-    -exec rm -rf {} +
-  mkdir -p "${dir}"
-  mv "${work}/_build/otelcol-contrib" "${binary}"
+  keep_binary otelcol "${key}" "${work}/_build/otelcol-contrib"
   rm -rf "${work}"
   log "collector binary: $(du -h "${binary}" | cut -f1) in $((SECONDS - started))s"
   printf '%s\n' "${binary}"
