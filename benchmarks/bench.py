@@ -40,8 +40,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks import results_dir
 from harness import vegeta, wrk
-from harness.cluster import Cluster, engine_env, engine_get, poll
+from harness.cluster import Cluster, engine_get, poll, running_cluster
 from harness.payloads import payloads
 from harness.servers import REPO, gunicorn, wait_ready
 
@@ -708,12 +709,8 @@ def main() -> None:
 
     from benchmarks import plots, report  # matplotlib loads only when a run is made
 
-    cluster = Cluster(engine_env(args.project))
-    if not cluster.replicas():
-        sys.exit(f"no running cluster in compose project {args.project!r}: start it with `make up`")
-    port = args.port or int(cluster.published("nginx", 8080).rpartition(":")[2])
-    out = args.out / f"{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    out.mkdir(parents=True, exist_ok=True)
+    cluster, port = running_cluster(args.project, args.port)
+    out = results_dir(args.out)
     bench = Bench(QUICK if args.quick else FULL, cluster, port, out)
     summary = bench.run()
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -30,10 +30,10 @@ import os
 import statistics
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks import results_dir
 from harness import wrk
 from harness.otlp_sink import OtlpSink
 from harness.payloads import payloads
@@ -301,8 +301,7 @@ def main() -> None:
     args = parse_args()
     payload = payloads()["png-28x28"]  # the same upload make bench sends
     apps = servers_to_compare(args)
-    out_dir = args.out / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-replica"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = results_dir(args.out, "replica")
     runs, throughput, cpu, single = measure(args, apps, payload, out_dir)
     summary = summarise(args, apps, runs, throughput, cpu, single)
     (out_dir / "replica.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -25,12 +25,12 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks import results_dir
 from harness import vegeta, wrk
-from harness.cluster import Cluster, engine_env, engine_get
+from harness.cluster import Cluster, engine_get, running_cluster
 from harness.payloads import payloads
 from harness.servers import REPO
 
@@ -209,13 +209,9 @@ def main() -> None:
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("soak terminated"))
 
-    cluster = Cluster(engine_env(args.project))
-    if not cluster.replicas():
-        sys.exit(f"no running cluster in compose project {args.project!r}: start it with `make up`")
-    port = args.port or int(cluster.published("nginx", 8080).rpartition(":")[2])
+    cluster, port = running_cluster(args.project, args.port)
     url = f"http://127.0.0.1:{port}/predict"
-    out = args.out / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-soak"
-    out.mkdir(parents=True, exist_ok=True)
+    out = results_dir(args.out, "soak")
 
     mix = list(payloads().values())
     rate = args.load * saturation(url, mix)

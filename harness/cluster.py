@@ -175,3 +175,14 @@ class Cluster:
         except (OSError, ValueError, KeyError):
             return None
         return usage or None
+
+
+def running_cluster(project: str, port: int | None = None) -> tuple[Cluster, int]:
+    """The running cluster of compose project `project` and nginx's published port (`port`,
+    when given, instead); exits saying what to do when none runs."""
+    cluster = Cluster(engine_env(project))
+    if not cluster.replicas():
+        raise SystemExit(
+            f"no running cluster in compose project {project!r}: start it with `make up`"
+        )
+    return cluster, port or int(cluster.published("nginx", 8080).rpartition(":")[2])
