@@ -22,8 +22,9 @@ every request sampled turns into a flood of spans. The Collector's tail sampling
 kinds whole.
 
 The edge makes a `traceparent` for a request that has none: trace id = nginx's `$request_id`,
-parent id = its first 16 hex digits, sampled by the same ratio (nginx/nginx.conf.template).
-Such a parent names no recorded span, so the server span becomes the trace's root.
+sampled by the same ratio (nginx/nginx.conf.template), and says so in `X-Trace-Origin: edge`,
+a header only nginx sets. Such a parent names no recorded span, so the server span becomes the
+trace's root, and its sampled flag is the ratio's, not a client's.
 
 Built in each worker after the fork, like the MeterProvider; OTEL_TRACES_EXPORTER=none or
 OTEL_SDK_DISABLED=true turns tracing off. Export is the SDK's BatchSpanProcessor (its own
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TRACEPARENT = b"traceparent"
+# Set by nginx alone ("edge" when it made the request's traceparent; a client's is dropped).
+TRACE_ORIGIN = b"x-trace-origin"
 SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _HEX = frozenset(b"0123456789abcdef")
 # Ids from the `random` module's own generator, as the SDK's RandomIdGenerator: it is reseeded
@@ -120,16 +123,18 @@ def current() -> RequestTrace | None:
 
 def begin(headers: list[tuple[bytes, bytes]]) -> RequestTrace:
     """The trace of a request with these (ASGI) headers: its parent's, or a new one."""
+    parsed = None
+    edge = False
     for name, value in headers:
         if name == TRACEPARENT:
             parsed = parse_traceparent(value)
-            if parsed is not None:
-                trace_id, parent_id, sampled = parsed
-                if parent_id == trace_id >> 64:  # made by the edge: no span of its own
-                    parent_id = 0
-                return RequestTrace(trace_id, parent_id, sampled)
-            break
-    return RequestTrace(_bits(128) or 1, 0, None)
+        elif name == TRACE_ORIGIN:
+            edge = value == b"edge"
+    if parsed is None:
+        return RequestTrace(_bits(128) or 1, 0, None)
+    trace_id, parent_id, sampled = parsed
+    # Made by the edge: its parent is no recorded span, and its sampled flag is the edge's ratio.
+    return RequestTrace(trace_id, 0 if edge else parent_id, sampled)
 
 
 class TokenBucket:

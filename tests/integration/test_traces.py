@@ -90,6 +90,22 @@ def test_a_sampled_request_is_one_trace_from_the_client_to_the_batch(stack: Stac
     assert tags(spans["mnist.inference"])["mnist.batch.size"] >= 1
 
 
+def test_a_client_cannot_pass_its_context_off_as_the_edges(stack: Stack) -> None:
+    """The replicas take a context for the edge's only on nginx's X-Trace-Origin, which a
+    client cannot send through: a client's context shaped like the edge's keeps its parent."""
+    trace_id = new_trace_id()
+    forged = f"00-{trace_id}-{trace_id[:16]}-01"
+    status, headers = post(stack, {"traceparent": forged, "X-Trace-Origin": "edge"})
+    assert status == 200
+    assert headers["x-trace-id"] == trace_id
+    found = wait_for(lambda: trace(trace_id), timeout=ARRIVAL, what="the client's trace")
+    server = spans_by_name(found)["POST /predict"]
+    assert [(r["refType"], r["spanID"]) for r in server["references"]] == [
+        ("CHILD_OF", trace_id[:16])
+    ]
+    assert tags(server)["mnist.trace.kept"] == "sampled"
+
+
 def test_unsampled_requests_leave_no_trace_unless_they_fail(stack: Stack) -> None:
     unsampled = [new_trace_id() for _ in range(5)]
     for trace_id in unsampled:

@@ -59,8 +59,12 @@ def test_traceparent_is_parsed_per_the_w3c_format() -> None:
 
 def test_a_context_made_by_the_edge_has_no_recorded_parent() -> None:
     edge = f"00-{TRACE_ID:032x}-{TRACE_ID >> 64:016x}-01".encode()
-    made = begin([(b"traceparent", edge)])
+    made = begin([(b"traceparent", edge), (b"x-trace-origin", b"edge")])
     assert (made.trace_id, made.parent_id, made.sampled) == (TRACE_ID, 0, True)
+    # Only the edge's header says so: the same context without it is a client's.
+    forged = begin([(b"traceparent", edge)])
+    assert (forged.trace_id, forged.parent_id) == (TRACE_ID, TRACE_ID >> 64)
+    assert begin([(b"x-trace-origin", b"edge")]).trace_id != TRACE_ID
     client = begin([(b"traceparent", traceparent(False).encode())])
     assert (client.trace_id, client.parent_id, client.sampled) == (TRACE_ID, CLIENT_SPAN, False)
     fresh = begin([(b"traceparent", b"garbage")])
@@ -214,9 +218,12 @@ def test_kept_failures_and_client_sampled_traces_are_bounded(traced: Traced) -> 
     # A client that marks its request sampled draws on the same bound: nothing left.
     assert traced.post({"traceparent": traceparent(True)}) == 200
     assert servers() == 3
-    # A trace the edge sampled is kept whatever the bound (the ratio bounds it).
+    # Nor one that dresses its context up as the edge's, without the edge's header.
     edge = traceparent(True, parent=TRACE_ID >> 64)
     assert traced.post({"traceparent": edge}) == 200
+    assert servers() == 3
+    # A trace the edge sampled is kept whatever the bound (the ratio bounds it).
+    assert traced.post({"traceparent": edge, "x-trace-origin": "edge"}) == 200
     assert servers() == 4
     # No rescues at all when the rate is 0.
     assert not TokenBucket(0, 0).take()
