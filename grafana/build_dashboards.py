@@ -310,6 +310,14 @@ def model() -> Dashboard:
         "What the model answers: digits, confidence, low-confidence share.",
     )
     d.panel(
+        "Replicas by model version",
+        [("sum by (model_version) (model_version:mnist_replicas:count)", "{{model_version}}")],
+        stack=True,
+        width=24,
+        description="How many replicas serve each model version: the split while a rollout "
+        "replaces them (make rollout; on Kubernetes, the Deployment's rolling update).",
+    )
+    d.panel(
         "Predictions/s per digit",
         [
             (
