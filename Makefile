@@ -7,8 +7,12 @@
 #   make bench     the standard scenarios against the running cluster (BENCH_QUICK=1: ~1.5 min)
 #   make bench-replica  one replica vs its no-model ceiling, with wrk
 #   make soak      mixed uploads at half the saturation for SOAK_MINUTES (30): errors, memory, p99
+#   make bench-inflight  latency against requests in progress on one replica (the autoscaler's target)
 #   make up [REPLICAS=3] / make scale REPLICAS=5 / make logs / make down   the compose stack
 #   make grafana-password   Grafana's admin password (user admin), generated on its first start
+#   make rollout   replace the replicas one at a time with the checkout's image, under load
+#   make k8s-render / k8s-validate / k8s-smoke   the Kubernetes manifests (k8s/): print them,
+#                  check them against the API's schemas, run them under `podman kube play`
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -19,7 +23,7 @@ STAMP := $(VENV)/.installed
 
 REPLICAS ?= $(shell sed -n 's/^REPLICAS=//p' .env)
 
-.PHONY: install lock test test-unit lint format train serve bench bench-replica soak up scale down logs grafana-password clean
+.PHONY: install lock test test-unit lint format train serve bench bench-replica bench-inflight soak up scale down logs grafana-password rollout k8s-render k8s-validate k8s-smoke clean
 
 install: $(STAMP)
 
@@ -69,6 +73,9 @@ bench: install
 bench-replica: install
 	$(PY) -m benchmarks.replica $(BENCH_ARGS)
 
+bench-inflight: install
+	$(PY) -m benchmarks.inflight $(BENCH_ARGS)
+
 soak: install
 	$(PY) -m benchmarks.soak
 
@@ -86,6 +93,20 @@ logs:
 
 grafana-password:
 	@scripts/cluster.sh grafana-password
+
+rollout:
+	scripts/cluster.sh rollout
+
+k8s-render: install
+	@$(PY) -m k8s.check render
+
+k8s-validate: install
+	$(PY) -m k8s.check validate
+
+# The api image as compose builds it, and the images' names on this machine (stand-ins where
+# the official ones cannot be pulled), then the manifests under podman.
+k8s-smoke: install
+	eval "$$(scripts/cluster.sh env)" && docker compose build api && $(PY) -m k8s.check smoke
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

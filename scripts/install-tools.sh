@@ -6,11 +6,17 @@
 #   chromium  the browser the web page's test drives through Playwright (system package: apt-get;
 #             elsewhere any Chromium or Chrome on PATH, CHROMIUM=/path, or `playwright install
 #             chromium`)
+#   kustomize renders k8s/ (make k8s-render): kubectl's own where kubectl is there, else built
+#             with Go from the module proxy into .venv/bin, pinned
+#   KEDA's ScaledObject schema, for make k8s-validate: from KEDA's Go module, hash-checked,
+#             kept in .venv/share/k8s (k8s/check.py)
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VEGETA_MODULE=github.com/tsenart/vegeta/v12
 VEGETA_VERSION=v12.13.0
+KUSTOMIZE_MODULE=sigs.k8s.io/kustomize/kustomize/v5
+KUSTOMIZE_VERSION=v5.8.2
 
 if ! command -v wrk >/dev/null; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
@@ -47,3 +53,17 @@ if [ -z "${CHROMIUM:-}" ] && ! command -v chromium >/dev/null && ! command -v ch
       "chromium, CHROMIUM=/path/to/chrome, or .venv/bin/playwright install chromium)" >&2
   fi
 fi
+
+if ! command -v kubectl >/dev/null && ! command -v kustomize >/dev/null \
+  && [ ! -x "$REPO_ROOT/.venv/bin/kustomize" ]; then
+  if command -v go >/dev/null; then
+    echo "building kustomize $KUSTOMIZE_VERSION with $(go version | cut -d' ' -f3)" >&2
+    GOBIN="$REPO_ROOT/.venv/bin" GOFLAGS=-buildvcs=false go install "$KUSTOMIZE_MODULE@$KUSTOMIZE_VERSION" \
+      || echo "warning: could not build kustomize; make k8s-render needs it (or kubectl)" >&2
+  else
+    echo "warning: neither kubectl nor kustomize (nor Go to build it): make k8s-render needs one" >&2
+  fi
+fi
+
+"$REPO_ROOT/.venv/bin/python" -m k8s.check fetch \
+  || echo "warning: could not fetch KEDA's CRD schema; make k8s-validate needs it" >&2
