@@ -1,0 +1,132 @@
+"""`scripts/cluster.sh rollout` (make rollout): every API replica replaced, one at a time, by
+one of the image it builds, under load, with no request failed.
+
+A checkout's image is the one the session's stack already runs, so the first rollout builds it
+with a label added (a compose override through COMPOSE_FILE): a new image id, as a new model or
+new code would make, so that which image each replica runs tells old from new. It is tagged with
+a name of its own, so that the image other compose projects on this machine use
+(mnist-api:local) is left alone. The second rolls back to the checkout's own image, which leaves
+the stack as the tests after these expect it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests.integration.conftest import REPLICAS, REPO, Load, Stack, predict
+
+NEW_IMAGE = "mnist-api:rollout-test"
+OVERRIDE = f"""\
+services:
+  api:
+    image: {NEW_IMAGE}
+    build:
+      labels:
+        org.mnist.rollout-test: "new image"
+"""
+
+
+@dataclass
+class Rollout:
+    old: dict[str, str]  # container id -> image id, before
+    new: dict[str, str]  # after
+    built: str  # the image id the service's image name (in `env`) points at after it
+    output: str  # the command's stdout: one "old -> new" line per replica
+    seconds: float
+    requests: int  # answered through nginx while it ran
+    load: Load
+
+
+def images(stack: Stack, containers: list[str]) -> dict[str, str]:
+    return {c: stack.docker("inspect", "-f", "{{.Image}}", c).strip() for c in containers}
+
+
+def hostnames(stack: Stack, containers: list[str]) -> set[str]:
+    return {stack.docker("inspect", "-f", "{{.Config.Hostname}}", c).strip() for c in containers}
+
+
+def rollout(stack: Stack, env: dict[str, str]) -> Rollout:
+    """Run the rollout on the test project with load through nginx all along."""
+    stack.ensure_replicas(REPLICAS)
+    old = images(stack, stack.replicas())
+    with Load(stack) as load:
+        time.sleep(2)
+        before = load.total
+        started = time.monotonic()
+        completed = subprocess.run(
+            ["scripts/cluster.sh", "rollout"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        seconds = time.monotonic() - started
+        requests = load.total - before
+        time.sleep(2)
+    log = "\n".join(line for line in completed.stderr.splitlines() if line.startswith("cluster:"))
+    print(f"\n{completed.stdout}{log}")
+    print(f"rollout: {seconds:.0f} s, {requests} requests meanwhile, slowest {load.slowest:.2f} s")
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    image_name = Stack(env).compose("config", "--images", "api").split()[0]
+    built = stack.docker("image", "inspect", "-f", "{{.Id}}", image_name).strip()
+    return Rollout(
+        old, images(stack, stack.replicas()), built, completed.stdout, seconds, requests, load
+    )
+
+
+def check(stack: Stack, done: Rollout) -> None:
+    load = done.load
+    assert load.failures == {}, f"{load.failures} of {load.total} requests failed"
+    assert done.requests >= max(200, 10 * done.seconds), (done.requests, load.statuses)
+    # As many replicas as before, every one a new container on the image just built, and no
+    # old one left, running or stopped.
+    assert len(done.new) == REPLICAS, done.new
+    assert not set(done.new) & set(done.old), (done.old, done.new)
+    assert set(stack.compose("ps", "-a", "-q", "api").split()) == set(done.new)
+    assert set(done.new.values()) == {done.built}, (done.new, done.built)
+    assert stack.healthy_replicas() == REPLICAS
+    assert len([line for line in done.output.splitlines() if " -> " in line]) == REPLICAS
+    # The new replicas took requests while the rollout ran (each was in nginx's rotation
+    # before an old one left), and now they alone answer.
+    new_hosts = hostnames(stack, list(done.new))
+    assert new_hosts <= set(load.served_by), (new_hosts, load.served_by)
+    answered: set[str] = set()
+    for _ in range(10 * REPLICAS):
+        status, served_by = predict(stack)
+        assert status == 200
+        answered.add(served_by.split("/")[0])
+    assert answered == new_hosts, (answered, new_hosts)
+
+
+@pytest.fixture(scope="module")
+def new_image_env(
+    stack: Stack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    """The stack's environment with the override that makes the rollout build a new image."""
+    override = tmp_path_factory.mktemp("rollout") / "override.yaml"
+    override.write_text(OVERRIDE)
+    yield {**stack.env, "COMPOSE_FILE": os.pathsep.join(["compose.yaml", str(override)])}
+    try:  # unused once the stack is back on the checkout's image
+        stack.docker("image", "rm", NEW_IMAGE)
+    except subprocess.CalledProcessError as exc:
+        print(f"{NEW_IMAGE} left: {exc.stderr}")
+
+
+def test_a_rollout_replaces_every_replica_under_load_and_fails_no_request(
+    stack: Stack, new_image_env: dict[str, str]
+) -> None:
+    done = rollout(stack, new_image_env)
+    assert set(done.old.values()).isdisjoint({done.built}), "the rollout built no new image"
+    check(stack, done)
+
+
+def test_a_rollout_back_to_the_checkouts_image(stack: Stack) -> None:
+    done = rollout(stack, stack.env)
+    check(stack, done)
