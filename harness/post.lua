@@ -44,7 +44,7 @@ end
 
 function done(summary, latency, requests)
   local p = {}
-  for _, q in ipairs({50, 75, 90, 99, 99.9}) do
+  for _, q in ipairs({50, 75, 90, 95, 99, 99.9}) do
     p[#p + 1] = string.format('"p%s": %d', tostring(q), latency:percentile(q))
   end
   local counts = {}
