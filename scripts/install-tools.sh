@@ -65,5 +65,5 @@ if ! command -v kubectl >/dev/null && ! command -v kustomize >/dev/null \
   fi
 fi
 
-"$REPO_ROOT/.venv/bin/python" -m k8s.check fetch \
+(cd "$REPO_ROOT" && .venv/bin/python -m k8s.check fetch) \
   || echo "warning: could not fetch KEDA's CRD schema; make k8s-validate needs it" >&2
