@@ -366,7 +366,8 @@ class Metrics:
 
     def record_batch(self, record: BatchRecord) -> None:
         self.batch_size.record(record.size)
-        self.inference.record(record.finished - record.started)
+        if record.error is None:  # a failed run's time is not the model's latency
+            self.inference.record(record.finished - record.started)
         batch: dict[str, Any] | None = None
         traced: set[int] = set()  # a request with several images in the batch: its spans once
         for wait, trace in zip(record.queue_waits, record.tags, strict=True):
@@ -375,6 +376,8 @@ class Metrics:
                 traced.add(id(trace))
                 if batch is None:
                     batch = {"mnist.batch.number": record.number, "mnist.batch.size": record.size}
+                    if record.error is not None:
+                        batch[tracing.ERROR_TYPE] = record.error
                 trace.step("mnist.queue.wait", record.started - wait, record.started)
                 trace.step("mnist.inference", record.started, record.finished, batch)
 

@@ -8,7 +8,8 @@ What a kept trace holds (docs/design.md#traces):
 * `mnist.admission.wait`, `mnist.decode`, `mnist.preprocess`, `mnist.queue.wait` and
   `mnist.inference` (internal), children of the server span. One inference batch serves many
   requests: each request's trace has its own `mnist.inference` span over the batch's run, with
-  the batch's number and size, so a trace alone tells where its request's time went.
+  the batch's number and size, so a trace alone tells where its request's time went. A batch
+  whose inference failed is there too, with `error.type` and an error status.
 
 Every request records only timestamps on its way (a few tuple appends); the spans are built
 when it ends, and only for the requests kept:
@@ -163,6 +164,8 @@ class TokenBucket:
 DEFAULT_RATIO = 0.02
 _RECORDED = frozenset((Decision.RECORD_AND_SAMPLE,))
 KEPT = "mnist.trace.kept"  # why a trace was kept: sampled, failed or slow
+# A step that failed says why in this attribute (semantic conventions) and has an error status.
+ERROR_TYPE = "error.type"
 
 
 class Tracer:
@@ -265,6 +268,9 @@ class Tracer:
                     resource=self.resource,
                     attributes=step_attributes,
                     kind=SpanKind.INTERNAL,
+                    status=Status(StatusCode.ERROR)
+                    if step_attributes and ERROR_TYPE in step_attributes
+                    else Status(StatusCode.UNSET),
                     start_time=trace.ns(start),
                     end_time=trace.ns(step_end),
                     instrumentation_scope=self.scope,

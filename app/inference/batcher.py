@@ -62,6 +62,7 @@ class BatchRecord:
     finished: float
     queue_waits: Sequence[float]  # per image, from enqueue to the start of its batch
     tags: Sequence[object]  # per image, the `tag` it was queued with
+    error: str | None = None  # the exception's type when the batch failed
 
     @property
     def inference_seconds(self) -> float:
@@ -203,26 +204,35 @@ class Batcher:
                     if not item.future.done():
                         item.future.set_exception(error)
                 self._in_flight = []
+                self._record(batch, started, time.perf_counter(), type(exc).__name__)
                 continue
             finished = time.perf_counter()
             for item, row in zip(batch, probabilities, strict=True):
                 if not item.future.done():
                     item.future.set_result(row)
             self._in_flight = []
-            if self._on_batch is not None:
-                try:
-                    self._on_batch(
-                        BatchRecord(
-                            number=self._batches,
-                            size=len(batch),
-                            started=started,
-                            finished=finished,
-                            queue_waits=[started - item.enqueued for item in batch],
-                            tags=[item.tag for item in batch],
-                        )
-                    )
-                except Exception:  # telemetry must never break serving
-                    log.exception("on_batch callback failed")
+            self._record(batch, started, finished, None)
+
+    def _record(
+        self, batch: list[_Item], started: float, finished: float, error: str | None
+    ) -> None:
+        """Tell the batch's telemetry what it did (its results are already handed out)."""
+        if self._on_batch is None:
+            return
+        try:
+            self._on_batch(
+                BatchRecord(
+                    number=self._batches,
+                    size=len(batch),
+                    started=started,
+                    finished=finished,
+                    queue_waits=[started - item.enqueued for item in batch],
+                    tags=[item.tag for item in batch],
+                    error=error,
+                )
+            )
+        except Exception:  # telemetry must never break serving
+            log.exception("on_batch callback failed")
 
     def _infer(self, images: list[Pixels]) -> npt.NDArray[np.float32]:
         batch = np.stack(images)[..., None]

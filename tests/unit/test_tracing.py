@@ -9,6 +9,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -94,13 +95,29 @@ class Traced:
         return list(self.exporter.get_finished_spans())
 
 
+class BreakableModel(FakeModel):
+    broken = False  # set once the app has started (its warm-up runs the model)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        if self.broken:
+            raise RuntimeError("the model broke")
+        return super().predict(batch)
+
+
 @pytest.fixture
-def traced(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Traced]:
+def model() -> FakeModel:
+    return FakeModel()
+
+
+@pytest.fixture
+def traced(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, model: FakeModel
+) -> Iterator[Traced]:
     monkeypatch.setenv("OTEL_SDK_DISABLED", "false")
     reader = InMemoryMetricReader()
     app = create_app(
         settings,
-        model_loader=lambda _s: FakeModel(),
+        model_loader=lambda _s: model,
         meter_provider=build_provider("test-1", [reader]),
     )
     exporter = InMemorySpanExporter()
@@ -312,3 +329,19 @@ def test_an_exporter_the_service_lacks_is_refused(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
     with pytest.raises(ValueError, match="zipkin"):
         tracing_off()
+
+
+@pytest.mark.parametrize("model", [BreakableModel()])
+def test_a_failed_batch_is_in_its_requests_traces_as_an_error(
+    traced: Traced, model: BreakableModel
+) -> None:
+    model.broken = True
+    assert traced.post() == 500
+    spans = by_name(traced.spans())
+    assert {"POST /predict", "mnist.queue.wait", "mnist.inference"} <= set(spans)
+    inference = spans["mnist.inference"]
+    assert inference.status.status_code == StatusCode.ERROR
+    assert inference.attributes is not None
+    assert inference.attributes["error.type"] == "RuntimeError"
+    assert spans["mnist.queue.wait"].status.status_code == StatusCode.UNSET
+    assert spans["POST /predict"].attributes["mnist.trace.kept"] == "failed"  # type: ignore[index]
