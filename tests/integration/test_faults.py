@@ -1,9 +1,11 @@
 """Faults under continuous load, on the real stack: the Collector stopped, Prometheus restarted, a
-replica frozen, nginx restarted. Each says what it costs the clients, and the stack recovers by
-itself. (A replica killed outright, and replicas scaled away, are in test_nginx_cluster.py.)"""
+replica frozen, a worker killed by its replica's memory limit, nginx restarted. Each says what it
+costs the clients, and the stack recovers by itself. (A replica killed outright, and replicas
+scaled away, are in test_nginx_cluster.py.)"""
 
 from __future__ import annotations
 
+import json
 import time
 
 from tests.integration.conftest import (
@@ -94,6 +96,78 @@ def test_a_frozen_replica_costs_no_request_and_at_most_the_read_timeout(stack: S
         timeout=120,
         what="the unfrozen replica to be healthy again",
     )
+
+
+# Run in a replica as its own user: makes one gunicorn worker the memory-limit OOM killer's
+# first choice (raising a process's oom_score_adj needs no privilege), then allocates past the
+# container's limit, page by page, until the kernel has killed that worker; prints what it did.
+OOM_PROBE = r"""
+import json, os, sys, time
+def read(path):
+    with open(path) as f:
+        return f.read()
+def limit():
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        if os.path.exists(path) and read(path).strip().isdigit():
+            return int(read(path))
+    sys.exit("no memory limit in this container's cgroup")
+workers = [int(p) for p in os.listdir("/proc") if p.isdigit()
+           and read(f"/proc/{p}/stat").rsplit(")", 1)[1].split()[1] == "1"
+           and "gunicorn" in read(f"/proc/{p}/cmdline")]
+victim = workers[0]
+with open(f"/proc/{victim}/oom_score_adj", "w") as f:
+    f.write("1000")
+held, chunk, started = [], 16 * 2**20, time.monotonic()
+while os.path.exists(f"/proc/{victim}") and len(held) * chunk < 2 * limit():
+    held.append(bytearray(b"") * chunk)
+print(json.dumps({"victim": victim, "workers": workers, "limit": limit(),
+                  "allocated": len(held) * chunk, "killed": not os.path.exists(f"/proc/{victim}"),
+                  "seconds": round(time.monotonic() - started, 2)}))
+"""
+
+
+def gunicorn_workers(stack: Stack, container: str) -> list[int]:
+    listing = stack.docker(
+        "exec",
+        container,
+        "python3",
+        "-c",
+        "import os\n"
+        "for p in os.listdir('/proc'):\n"
+        "    if p.isdigit() and open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[1] == '1'"
+        " and 'gunicorn' in open(f'/proc/{p}/cmdline').read(): print(p)",
+    )
+    return sorted(int(pid) for pid in listing.split())
+
+
+def test_a_worker_killed_by_the_memory_limit_costs_no_request_and_is_replaced(
+    stack: Stack,
+) -> None:
+    stack.ensure_replicas(REPLICAS)
+    victim = stack.replicas()[0]
+    before = gunicorn_workers(stack, victim)
+    with Load(stack, clients=6) as load:
+        time.sleep(2)
+        outcome = json.loads(stack.docker("exec", victim, "python3", "-c", OOM_PROBE))
+        wait_for(
+            lambda: len(gunicorn_workers(stack, victim)) == len(before),
+            timeout=120,
+            what="gunicorn to replace the killed worker",
+        )
+        time.sleep(3)
+    print(f"\nOOM kill: {outcome}; {load.total} requests, failures {load.failures}")
+    assert outcome["killed"], outcome
+    assert outcome["allocated"] < 2 * outcome["limit"]  # the limit, not the loop's end, stopped it
+    after = gunicorn_workers(stack, victim)
+    assert outcome["victim"] not in after
+    assert len(after) == len(before) == len(outcome["workers"])
+    # The kernel's kill, as gunicorn's master saw it.
+    logs = stack.compose("logs", "--no-log-prefix", "--since", "5m", "api")
+    assert f"Worker (pid:{outcome['victim']}) was sent SIGKILL! Perhaps out of memory?" in logs
+    assert load.total > 200, load.statuses
+    # What the killed worker held is retried on another by nginx (proxy_next_upstream).
+    assert load.failures == {}, f"{load.failures} of {load.total} requests failed"
+    assert stack.healthy_replicas() == REPLICAS
 
 
 def test_an_nginx_restart_costs_a_bounded_outage_and_recovers(stack: Stack) -> None:
