@@ -3,6 +3,7 @@ the latency histogram's exemplars in Prometheus naming traces that Jaeger return
 
 from __future__ import annotations
 
+import io
 import json
 import secrets
 import time
@@ -10,9 +11,12 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import numpy as np
 import yaml
+from PIL import Image
 
 from benchmarks.soak import memory_sample
+from tests.helpers import digit_image
 from tests.integration.conftest import (
     DIGIT_BODY,
     DIGIT_TYPE,
@@ -131,6 +135,48 @@ def test_unsampled_requests_leave_no_trace_unless_they_fail(stack: Stack) -> Non
             left = spans_by_name(found)["POST /predict"]
             assert tags(left)["mnist.trace.kept"] == "slow", tags(left)
             assert left["duration"] >= 250_000, left["duration"]
+
+
+def big_digits(count: int) -> tuple[bytes, str]:
+    """A /predict/batch body of `count` copies of a digit drawn 2,000 pixels wide: each costs
+    the replica tens of milliseconds to decode and scale down."""
+    image = Image.fromarray((digit_image() * 255).astype(np.uint8)).resize((2000, 2000))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    boundary = secrets.token_hex(8)
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{i}.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + buffer.getvalue()
+        + b"\r\n"
+        for i in range(count)
+    ]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), (
+        f"multipart/form-data; boundary={boundary}"
+    )
+
+
+def test_an_unsampled_slow_request_is_kept_as_slow(stack: Stack) -> None:
+    """A request that the head sampling passed over but that took longer than TRACES_SLOW_MS
+    (250 ms) is kept whole, marked slow. Slow by its own work: more large images in one batch
+    request until it takes over 400 ms on this machine (32 of them are 2 MiB of the 4 MiB an
+    upload may be)."""
+    count, seconds, trace_id = 4, 0.0, ""
+    while seconds < 0.4 and count <= 32:
+        body, content_type = big_digits(count)
+        trace_id = new_trace_id()
+        headers = {"Content-Type": content_type, "traceparent": f"00-{trace_id}-{'1' * 16}-00"}
+        started = time.monotonic()
+        status, _, _ = stack.request("POST", "/predict/batch", body, headers)
+        seconds = time.monotonic() - started
+        assert status == 200, status
+        count *= 2
+    assert seconds >= 0.4, f"32 large images took {seconds:.2f} s: too fast to be slow"
+    found = wait_for(lambda: trace(trace_id), timeout=ARRIVAL, what="the slow request's trace")
+    server = spans_by_name(found)["POST /predict/batch"]
+    assert tags(server)["mnist.trace.kept"] == "slow"
+    assert server["duration"] >= 250_000, server["duration"]  # microseconds
+    assert sum(span["operationName"] == "mnist.preprocess" for span in found["spans"]) >= 4
 
 
 def test_the_edge_starts_a_trace_and_logs_its_id(stack: Stack) -> None:
