@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import results_dir
-from harness import wrk
+from harness import vegeta, wrk
 from harness.otlp_sink import OtlpSink
 from harness.payloads import payloads
 from harness.servers import REPO, Server, gunicorn
@@ -45,27 +45,40 @@ BATCHING_ONLY = "batching-only"
 
 
 def load(
-    servers: dict[str, Server], payload: wrk.Payload, connections: int, seconds: float
+    servers: dict[str, Server],
+    payload: wrk.Payload,
+    connections: int,
+    seconds: float,
+    rate: float | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Load every server in `servers` at the same time; their results, with CPU per answer."""
+    """Load every server in `servers` at the same time, closed-loop over `connections` (wrk),
+    or open-loop at `rate` requests a second each (vegeta); their results, with CPU per answer."""
+
+    def run(server: Server) -> wrk.Result | vegeta.Result:
+        url = server.url + "/predict"
+        if rate is not None:
+            return vegeta.run(url, payload, rate=rate, seconds=seconds)
+        return wrk.run(url, payload, connections=connections, seconds=seconds)
+
     before = {name: server.cpu_seconds() for name, server in servers.items()}
     with ThreadPoolExecutor(len(servers)) as pool:
-        futures = {
-            name: pool.submit(
-                wrk.run, server.url + "/predict", payload, connections=connections, seconds=seconds
-            )
-            for name, server in servers.items()
-        }
+        futures = {name: pool.submit(run, server) for name, server in servers.items()}
         results = {name: future.result() for name, future in futures.items()}
     measured = {}
     for name, result in results.items():
         after, start = servers[name].cpu_seconds(), before[name]
+        ok = sum(n for status, n in result.statuses.items() if status.startswith("2"))
         cpu_us = (
-            round((after - start) / result.ok * 1e6, 1)
-            if after is not None and start is not None and result.ok
+            round((after - start) / ok * 1e6, 1)
+            if after is not None and start is not None and ok
             else None
         )
-        measured[name] = {**result.as_dict(), "failed": result.failed, "cpu_us_per_answer": cpu_us}
+        measured[name] = {
+            **result.as_dict(),
+            "rps": round(ok / result.seconds, 1) if result.seconds else 0.0,
+            "failed": result.failed,
+            "cpu_us_per_answer": cpu_us,
+        }
     return measured
 
 
@@ -89,6 +102,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="open-loop load at this many requests a second (vegeta) instead of closed-loop",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--paired", action="store_true", help="load compared servers together")
     parser.add_argument("--naive", action="store_true", help="also measure the naive server")
@@ -173,7 +192,9 @@ def measure(
                 # The service with each other server in turn, both loaded at once.
                 for name in throughput:
                     pair = {SERVICE: servers[SERVICE], name: servers[name]}
-                    result = load(pair, payload, max(1, args.connections // 2), seconds(name))
+                    result = load(
+                        pair, payload, max(1, args.connections // 2), seconds(name), args.rate
+                    )
                     runs[SERVICE].append(result[SERVICE])
                     runs[name].append(result[name])
                     report(round_, args.rounds, name, result[name])
@@ -188,7 +209,9 @@ def measure(
                 continue
             alone = {}
             for name, server in servers.items():
-                alone[name] = load({name: server}, payload, args.connections, seconds(name))[name]
+                alone[name] = load(
+                    {name: server}, payload, args.connections, seconds(name), args.rate
+                )[name]
                 runs[name].append(alone[name])
                 report(round_, args.rounds, name, alone[name])
             for name in throughput:
@@ -218,6 +241,7 @@ def summarise(
         "machine": {"cores": os.cpu_count()},
         "mode": "paired" if args.paired else "alternated",
         "connections": args.connections,
+        "rate": args.rate,
         "workers": args.workers,
         "rounds": args.rounds,
         "median_rps": {name: med(name, "rps") for name in apps},
@@ -259,6 +283,7 @@ def print_summary(args: argparse.Namespace, summary: dict[str, Any], single: wrk
     print()
     print(
         f"{summary['mode']}, {args.rounds} rounds of {args.seconds:.0f} s, {args.workers} workers"
+        + (f", open loop at {args.rate:.0f} req/s" if args.rate else "")
     )
     print(f"{'server':13s} {'median req/s':>12s} {'CPU us/answer':>14s} {'errors':>7s}")
     for name in summary["median_rps"]:
