@@ -22,6 +22,11 @@ number() {  # number NAME DEFAULT: the variable's value if it is a positive inte
 body=$(number MAX_UPLOAD_BYTES 4194304)
 max_conns=$(number API_MAX_CONNS 1024)
 upstream=${API_UPSTREAM:-api:8000}
+# One per core by default ("auto" counts the host's, which in a container without a CPU limit
+# may be many more than it uses: set it there).
+workers=$(printenv NGINX_WORKER_PROCESSES || true)
+workers=${workers:-auto}
+[ "$workers" = auto ] || workers=$(number NGINX_WORKER_PROCESSES 1)
 
 # The per-client rate limit only when RATE_LIMIT_RPS is set (burst: RATE_LIMIT_BURST, else
 # as many as a second's worth).
@@ -54,6 +59,7 @@ sed -e "s|@RESOLVER@|$resolver|g" \
     -e "s|@MAX_UPLOAD_BYTES@|$body|g" \
     -e "s|@API_UPSTREAM@|$upstream|g" \
     -e "s|@API_MAX_CONNS@|$max_conns|g" \
+    -e "s|@WORKER_PROCESSES@|$workers|g" \
     /etc/nginx/mnist/nginx.conf.template > /tmp/nginx.conf
 
 mkdir -p /tmp/errors
@@ -71,6 +77,7 @@ printf '{"detail":"no API replica could answer in time; retry shortly"}\n' > /tm
 printf '{"detail":"no API replica can take this request now: every one is full (overloaded) or none is up; retry shortly"}\n' \
   > /tmp/errors/busy.json
 
-echo "entrypoint: resolver $resolver, upstream $upstream (at most $max_conns requests per replica)," \
+echo "entrypoint: $workers worker processes, resolver $resolver, upstream $upstream" \
+     "(at most $max_conns requests per replica)," \
      "$rate_said, body limit $body bytes, traces sampled at $ratio" >&2
 exec nginx -c /tmp/nginx.conf -g 'daemon off;'
