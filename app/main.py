@@ -72,6 +72,7 @@ def create_app(
         try:
             yield
         finally:
+            metrics.stopping = True  # in the final export below
             await classifier.stop()
             trace_slot.tracer = None
             if stop_traces is not None:

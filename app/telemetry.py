@@ -25,6 +25,7 @@ Instruments (Prometheus names, after the collector's translation, in brackets):
 * mnist.queue.wait, s: from enqueue to the start of the request's batch
 * mnist.batch.size: images per inference call
 * mnist.queue.depth: images waiting for inference in this worker (a gauge)
+* mnist.worker.stopping: 1 once the worker has begun a graceful stop (its last export says so)
 * mnist.rejected: requests refused, by reason: budget (could not be answered within the latency
   budget), queue_full (the admission queue's safety bound), inference_queue_full, not_ready,
   shutting_down, or a bad input's kind
@@ -306,6 +307,15 @@ class Metrics:
             unit="{image}",
             description="Images waiting for inference in this worker.",
         )
+        # Set when the worker begins a graceful stop; the last export before it exits says so,
+        # which tells a replica scaled away or rolled out from one that went missing.
+        self.stopping = False
+        meter.create_observable_gauge(
+            "mnist.worker.stopping",
+            callbacks=[self._observe_stopping],
+            unit="1",
+            description="1 once this worker has begun a graceful stop, else 0.",
+        )
 
     def _histogram(
         self, name: str, unit: str, description: str, bounds: Sequence[float]
@@ -352,6 +362,9 @@ class Metrics:
         if edge_wait is not None:
             self.edge_wait.record(edge_wait)
         self.admission_wait.record(admission_wait)
+
+    def _observe_stopping(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(int(self.stopping))]
 
     def _observe_depth(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(source()) for source in self._depth_sources]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.integration.conftest import REPLICAS, REPO, Load, Stack, predict
+from tests.integration.conftest import REPLICAS, REPO, Load, Stack, predict, wait_for
 
 NEW_IMAGE = "mnist-api:rollout-test"
 OVERRIDE = f"""\
@@ -125,6 +125,21 @@ def test_a_rollout_replaces_every_replica_under_load_and_fails_no_request(
     done = rollout(stack, new_image_env)
     assert set(done.old.values()).isdisjoint({done.built}), "the rollout built no new image"
     check(stack, done)
+    # The replaced replicas said they were stopping: once their series are gone from the
+    # Collector (metric_expiration, 30 s), none counts as missing: no MnistReplicaMissing.
+    wait_for(
+        lambda: stack.scalar("mnist:replicas:count") == REPLICAS,
+        timeout=90,
+        what="the replaced replicas' series to expire",
+    )
+    time.sleep(15)  # the alert's `for` (10 s) and a rule evaluation
+    assert stack.scalar("mnist:replicas_missing:count") == 0
+    missing = [
+        a
+        for a in stack.prometheus_api("alerts")["alerts"]
+        if a["labels"]["alertname"] == "MnistReplicaMissing"
+    ]
+    assert missing == [], missing  # neither firing nor pending
 
 
 def test_a_rollout_back_to_the_checkouts_image(stack: Stack) -> None:

@@ -358,3 +358,20 @@ def test_the_exporter_sends_the_apps_histograms_with_the_sdks_metrics(
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "delta")
     with pytest.raises(ValueError, match="only cumulative"):
         WithHistograms(Captured(), metrics)
+
+
+def test_a_worker_says_it_is_stopping_in_its_last_export(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "false")
+    reader = InMemoryMetricReader()
+    app = create_app(
+        settings, model_loader=lambda _s: FakeModel(), meter_provider=build_provider("t", [reader])
+    )
+
+    def stopping() -> list[int]:
+        return [int(p.value) for p in collect(reader)["mnist.worker.stopping"][0].data.data_points]
+
+    with TestClient(app):
+        assert stopping() == [0]
+    assert stopping() == [1]  # after the lifespan's shutdown (gunicorn's graceful stop)
