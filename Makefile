@@ -97,7 +97,9 @@ grafana-password:
 rollout:
 	scripts/cluster.sh rollout
 
-k8s-render: install
+# Only the manifests on stdout (for `| kubectl apply -f -`): what installing says goes to stderr.
+k8s-render:
+	@$(MAKE) --no-print-directory -s install >&2
 	@$(PY) -m k8s.check render
 
 k8s-validate: install

@@ -174,9 +174,18 @@ def image_env(environ: Mapping[str, str]) -> dict[str, str]:
     return found | {name: value for name, value in environ.items() if name.endswith("_IMAGE")}
 
 
+# The smoke test's Deployments are renamed with this prefix: their pods' names are its own.
+SMOKE_PREFIX = "mnist-k8s-smoke-"
+
+
+def pod_name(deployment: Manifest) -> str:
+    """The name `podman kube play` gives a Deployment's first pod, also its DNS name."""
+    return f"{deployment['metadata']['name']}-pod-0"
+
+
 def pod_host(workload: str) -> str:
-    """The DNS name of a Deployment's first pod on a podman network (it has no Services)."""
-    return f"{workload}-pod-0"
+    """The DNS name of a smoke workload's pod on its podman network (it has no Services)."""
+    return f"{SMOKE_PREFIX}{workload}-pod-0"
 
 
 def for_podman(docs: list[Manifest], env: dict[str, str], port: int) -> list[Manifest]:
@@ -199,6 +208,7 @@ def for_podman(docs: list[Manifest], env: dict[str, str], port: int) -> list[Man
         "api.$(POD_NAMESPACE).svc.cluster.local:8000": f"{pod_host('api')}:8000",
     }
     for doc in chosen:
+        doc["metadata"]["name"] = SMOKE_PREFIX + doc["metadata"]["name"]
         doc["spec"]["replicas"] = 1
         for container in doc["spec"]["template"]["spec"]["containers"]:
             repository = container["image"].rsplit(":", 1)[0]
@@ -247,7 +257,7 @@ def played(docs: list[Manifest], network: str) -> Iterator[Path]:
         path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
         # `kube down` stops at the first pod that is not there: a half-made earlier run's
         # pods are removed by name.
-        pods = [pod_host(doc["metadata"]["name"]) for doc in docs if doc["kind"] == "Deployment"]
+        pods = [pod_name(doc) for doc in docs if doc["kind"] == "Deployment"]
 
         def remove() -> None:
             _podman("pod", "rm", "--force", "--ignore", *pods, check=False)
@@ -260,7 +270,7 @@ def played(docs: list[Manifest], network: str) -> Iterator[Path]:
             yield path
         except BaseException:
             for name in _podman("ps", "-a", "--format", "{{.Names}}", check=False).split():
-                if name.endswith("-infra") or "-pod-" not in name:
+                if not name.startswith(SMOKE_PREFIX):
                     continue
                 logs = subprocess.run(["podman", "logs", "--tail", "15", name], capture_output=True)
                 tail = (logs.stdout + logs.stderr).decode(errors="replace")
@@ -315,7 +325,7 @@ def check_hardening(docs: list[Manifest]) -> None:
             continue
         pod = doc["spec"]["template"]["spec"]
         for container in pod["containers"]:
-            name = f"{pod_host(doc['metadata']['name'])}-{container['name']}"
+            name = f"{pod_name(doc)}-{container['name']}"
             (found,) = json.loads(_podman("inspect", name))
             user = container["securityContext"].get(
                 "runAsUser", pod["securityContext"]["runAsUser"]

@@ -258,3 +258,46 @@ def test_the_autoscaler_scales_the_api_on_in_flight_requests_and_cpu(docs: Docs)
     assert cpu["type"] == "cpu"
     behavior = scaled["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
     assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= 300
+
+
+def test_every_file_of_a_mounted_folder_is_in_a_config_map(docs: Docs) -> None:
+    """A file added to one of the folders compose mounts must reach Kubernetes too."""
+    generated = {
+        content
+        for doc in docs
+        if doc["kind"] == "ConfigMap"
+        for content in doc.get("data", {}).values()
+    }
+    folders = [
+        "nginx",
+        "web",
+        "web/static",
+        "otel-collector",
+        "prometheus",
+        "prometheus/rules",
+        "jaeger",
+        "grafana/dashboards",
+        *(f"grafana/provisioning/{name}" for name in ("datasources", "dashboards", "alerting")),
+        "grafana/provisioning/plugins",
+    ]
+    for folder in folders:
+        for path in sorted((REPO / folder).iterdir()):
+            if path.is_file():
+                assert path.read_text() in generated, f"{path.relative_to(REPO)} is in no ConfigMap"
+
+
+def test_the_collector_on_kubernetes_drops_only_the_nginx_receiver() -> None:
+    """kubernetes.yaml replaces the metrics pipeline's receivers (lists are not merged): it must
+    list every one of config.yaml's but nginx, which the nginx pods' sidecars replace."""
+    config = yaml.safe_load((REPO / "otel-collector/config.yaml").read_text())
+    override = yaml.safe_load((REPO / "otel-collector/kubernetes.yaml").read_text())
+    compose = config["service"]["pipelines"]["metrics"]["receivers"]
+    kubernetes = override["service"]["pipelines"]["metrics"]["receivers"]
+    assert "nginx" in compose
+    assert kubernetes == [name for name in compose if name != "nginx"]
+    assert override.keys() == {"service"}  # nothing else differs
+    sidecar = yaml.safe_load((REPO / "otel-collector/nginx-sidecar.yaml").read_text())
+    assert (
+        sidecar["receivers"]["nginx"]["collection_interval"]
+        == (config["receivers"]["nginx"]["collection_interval"])
+    )
