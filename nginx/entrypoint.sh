@@ -42,6 +42,25 @@ else
   rate_said="no per-client rate limit"
 fi
 
+# Behind a load balancer or proxy (a cloud LB, an Ingress controller), the client is the address
+# it names in X-Forwarded-For, believed only from REAL_IP_FROM (addresses or CIDRs, separated by
+# spaces): the rate limit and the access log then see clients, not the proxy.
+trusted=$(printenv REAL_IP_FROM || true)
+if [ -n "$trusted" ]; then
+  real_ip=""
+  for cidr in $trusted; do
+    case "$cidr" in
+      *[!0-9A-Fa-f.:/]* | */*/*) echo "entrypoint: REAL_IP_FROM: $cidr is not an address or CIDR" >&2; exit 1 ;;
+    esac
+    real_ip="$real_ip set_real_ip_from $cidr;"
+  done
+  real_ip="$real_ip real_ip_header X-Forwarded-For; real_ip_recursive on;"
+  real_ip_said="clients named by X-Forwarded-For from $trusted"
+else
+  real_ip="# no proxy in front (REAL_IP_FROM is not set): the client is the peer"
+  real_ip_said="clients are the peers"
+fi
+
 # Head sampling of the traces the edge starts (TRACES_SAMPLE_RATIO, 0 to 1): split_clients on
 # the trace id, in per cent with two decimals.
 ratio=$(printenv TRACES_SAMPLE_RATIO || true)
@@ -60,6 +79,7 @@ sed -e "s|@RESOLVER@|$resolver|g" \
     -e "s|@API_UPSTREAM@|$upstream|g" \
     -e "s|@API_MAX_CONNS@|$max_conns|g" \
     -e "s|@WORKER_PROCESSES@|$workers|g" \
+    -e "s|@REAL_IP@|$real_ip|g" \
     /etc/nginx/mnist/nginx.conf.template > /tmp/nginx.conf
 
 mkdir -p /tmp/errors
@@ -79,5 +99,5 @@ printf '{"detail":"no API replica can take this request now: every one is full (
 
 echo "entrypoint: $workers worker processes, resolver $resolver, upstream $upstream" \
      "(at most $max_conns requests per replica)," \
-     "$rate_said, body limit $body bytes, traces sampled at $ratio" >&2
+     "$rate_said, $real_ip_said, body limit $body bytes, traces sampled at $ratio" >&2
 exec nginx -c /tmp/nginx.conf -g 'daemon off;'

@@ -237,6 +237,39 @@ def test_rate_limited_clients_get_429_json(stack: Stack) -> None:
         stack.compose("up", "-d", "--no-deps", "--force-recreate", "nginx")
 
 
+def test_behind_a_trusted_proxy_each_client_has_its_own_rate_limit(stack: Stack) -> None:
+    """With REAL_IP_FROM naming the proxy in front, X-Forwarded-For names the client: two
+    clients behind it each get the limit's burst, and the log names them. (Here every peer is
+    trusted: the test is the proxy.)"""
+    proxied = {
+        **stack.env,
+        "RATE_LIMIT_RPS": "2",
+        "RATE_LIMIT_BURST": "4",
+        "REAL_IP_FROM": "0.0.0.0/0",
+    }
+    try:
+        Stack(proxied).compose("up", "-d", "--no-deps", "--force-recreate", "nginx")
+        wait_for(
+            lambda: stack.request("GET", "/healthz")[0] == 200, timeout=60, what="nginx to restart"
+        )
+
+        def burst(client: str) -> Counter[int]:
+            headers = {"Content-Type": DIGIT_TYPE, "X-Forwarded-For": client}
+            return Counter(
+                stack.request("POST", "/predict", DIGIT_BODY, headers)[0] for _ in range(10)
+            )
+
+        first, second = burst("203.0.113.1"), burst("203.0.113.2")
+        # Each: the burst (4) and the one the rate allows, give or take one the rate refills.
+        assert 4 <= first[200] <= 7, first
+        assert 4 <= second[200] <= 7, second  # not refused for the first one's requests
+        assert first[429] >= 3, first
+        lines = stack.compose("logs", "--no-log-prefix", "--since", "2m", "nginx").splitlines()
+        assert any('"client":"203.0.113.2"' in line for line in lines)
+    finally:
+        stack.compose("up", "-d", "--no-deps", "--force-recreate", "nginx")
+
+
 def test_full_replicas_refuse_at_once_with_503_json(stack: Stack) -> None:
     # The edge's safety bound at one request in progress per replica: 24 clients find every
     # replica at it most of the time.
