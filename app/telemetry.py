@@ -313,7 +313,7 @@ class Metrics:
         meter.create_observable_gauge(
             "mnist.worker.stopping",
             callbacks=[self._observe_stopping],
-            unit="1",
+            unit="",  # no unit: "1" would make it mnist_worker_stopping_ratio in Prometheus
             description="1 once this worker has begun a graceful stop, else 0.",
         )
 
