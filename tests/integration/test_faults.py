@@ -168,6 +168,13 @@ def test_a_worker_killed_by_the_memory_limit_costs_no_request_and_is_replaced(
     # What the killed worker held is retried on another by nginx (proxy_next_upstream).
     assert load.failures == {}, f"{load.failures} of {load.total} requests failed"
     assert stack.healthy_replicas() == REPLICAS
+    # The stack as found for the tests after this one: the killed worker's series expire
+    # from the Collector (metric_expiration, 30 s), leaving one per running worker.
+    wait_for(
+        lambda: stack.scalar('count(mnist_queue_depth{job="mnist-api"})') == REPLICAS * len(before),
+        timeout=120,
+        what="the killed worker's series to expire",
+    )
 
 
 def test_an_nginx_restart_costs_a_bounded_outage_and_recovers(stack: Stack) -> None:
