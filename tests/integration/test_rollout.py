@@ -1,34 +1,51 @@
 """`scripts/cluster.sh rollout` (make rollout): every API replica replaced, one at a time, by
 one of the image it builds, under load, with no request failed.
 
-A checkout's image is the one the session's stack already runs, so the first rollout builds it
-with a label added (a compose override through COMPOSE_FILE): a new image id, as a new model or
-new code would make, so that which image each replica runs tells old from new. It is tagged with
-a name of its own, so that the image other compose projects on this machine use
-(mnist-api:local) is left alone. The second rolls back to the checkout's own image, which leaves
-the stack as the tests after these expect it.
+A checkout's image is the one the session's stack already runs, so the first rollout builds a
+new one from it (a compose override through COMPOSE_FILE) that serves the same model under
+another version, as a new model would: which image and which model version each replica runs
+tell old from new, and the metrics show the split while it runs. It is tagged with a name of its
+own, so that the image other compose projects on this machine use (mnist-api:local) is left
+alone. The second rolls back to the checkout's own image, which leaves the stack as the tests
+after these expect it.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import REPLICAS, REPO, Load, Stack, predict, wait_for
 
 NEW_IMAGE = "mnist-api:rollout-test"
-OVERRIDE = f"""\
+NEW_VERSION_SUFFIX = "-rollout-test"
+# The new image: the checkout's, serving its model under another version. Built from a context
+# of its own (compose's classic builder, which podman's Docker API takes, has no inline
+# Dockerfiles).
+DOCKERFILE = f"""\
+FROM mnist-api:local
+USER 0
+RUN python3 -c "import json; p = '/srv/model/metrics.json'; d = json.load(open(p)); \\
+    d['version'] += '{NEW_VERSION_SUFFIX}'; json.dump(d, open(p, 'w'))"
+USER 10001:10001
+"""
+
+
+def override(context: Path) -> str:
+    return f"""\
 services:
   api:
     image: {NEW_IMAGE}
     build:
-      labels:
-        org.mnist.rollout-test: "new image"
+      context: {context}
+      dockerfile: Dockerfile
 """
 
 
@@ -41,10 +58,17 @@ class Rollout:
     seconds: float
     requests: int  # answered through nginx while it ran
     load: Load
+    versions: list[dict[str, int]]  # replicas by model version, as Prometheus had them meanwhile
 
 
 def images(stack: Stack, containers: list[str]) -> dict[str, str]:
     return {c: stack.docker("inspect", "-f", "{{.Image}}", c).strip() for c in containers}
+
+
+def replicas_by_version(stack: Stack) -> dict[str, int]:
+    """The model dashboard's "Replicas by model version", from Prometheus."""
+    found = stack.prometheus("model_version:mnist_replicas:count")
+    return {s["metric"]["model_version"]: int(float(s["value"][1])) for s in found}
 
 
 def hostnames(stack: Stack, containers: list[str]) -> set[str]:
@@ -55,6 +79,15 @@ def rollout(stack: Stack, env: dict[str, str]) -> Rollout:
     """Run the rollout on the test project with load through nginx all along."""
     stack.ensure_replicas(REPLICAS)
     old = images(stack, stack.replicas())
+    versions: list[dict[str, int]] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(2):
+            versions.append(replicas_by_version(stack))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
     with Load(stack) as load:
         time.sleep(2)
         before = load.total
@@ -70,6 +103,8 @@ def rollout(stack: Stack, env: dict[str, str]) -> Rollout:
         seconds = time.monotonic() - started
         requests = load.total - before
         time.sleep(2)
+    done.set()
+    watcher.join()
     log = "\n".join(line for line in completed.stderr.splitlines() if line.startswith("cluster:"))
     print(f"\n{completed.stdout}{log}")
     print(f"rollout: {seconds:.0f} s, {requests} requests meanwhile, slowest {load.slowest:.2f} s")
@@ -77,7 +112,14 @@ def rollout(stack: Stack, env: dict[str, str]) -> Rollout:
     image_name = Stack(env).compose("config", "--images", "api").split()[0]
     built = stack.docker("image", "inspect", "-f", "{{.Id}}", image_name).strip()
     return Rollout(
-        old, images(stack, stack.replicas()), built, completed.stdout, seconds, requests, load
+        old,
+        images(stack, stack.replicas()),
+        built,
+        completed.stdout,
+        seconds,
+        requests,
+        load,
+        versions,
     )
 
 
@@ -110,9 +152,11 @@ def new_image_env(
     stack: Stack, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, str]]:
     """The stack's environment with the override that makes the rollout build a new image."""
-    override = tmp_path_factory.mktemp("rollout") / "override.yaml"
-    override.write_text(OVERRIDE)
-    yield {**stack.env, "COMPOSE_FILE": os.pathsep.join(["compose.yaml", str(override)])}
+    folder = tmp_path_factory.mktemp("rollout")
+    (folder / "Dockerfile").write_text(DOCKERFILE)
+    (folder / "override.yaml").write_text(override(folder))
+    files = ["compose.yaml", str(folder / "override.yaml")]
+    yield {**stack.env, "COMPOSE_FILE": os.pathsep.join(files)}
     try:  # unused once the stack is back on the checkout's image
         stack.docker("image", "rm", NEW_IMAGE)
     except subprocess.CalledProcessError as exc:
@@ -125,6 +169,16 @@ def test_a_rollout_replaces_every_replica_under_load_and_fails_no_request(
     done = rollout(stack, new_image_env)
     assert set(done.old.values()).isdisjoint({done.built}), "the rollout built no new image"
     check(stack, done)
+    # The split while it ran: the old version and the new one side by side, then the new alone.
+    (old_version,) = done.versions[0]
+    new_version = old_version + NEW_VERSION_SUFFIX
+    assert any(len(seen) == 2 for seen in done.versions), done.versions
+    assert all(set(seen) <= {old_version, new_version} for seen in done.versions), done.versions
+    wait_for(
+        lambda: replicas_by_version(stack) == {new_version: REPLICAS},
+        timeout=90,
+        what=f"{REPLICAS} replicas on model {new_version} alone",
+    )
     # The replaced replicas said they were stopping: once their series are gone from the
     # Collector (metric_expiration, 30 s), none counts as missing: no MnistReplicaMissing.
     wait_for(
