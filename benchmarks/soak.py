@@ -10,8 +10,10 @@ checks, and exits non-zero if one fails:
 - no process's memory grew by more than 5 % from the first sample (after the warm-up), but
   Jaeger's, whose trace store fills by design up to its bound (jaeger/config.yaml: max_traces);
 - Jaeger's memory stays under 80 % of its container's limit;
-- the p99 of every window is within 1.5x of the first's, or within 50 ms of it (a tenth of the
-  latency budget: below that, a shared machine's stalls swing short windows by 2-3x).
+- no drift of the tail: the median p99 of the later half of the windows is within 1.5x of the
+  earlier half's, or within 50 ms of it (a tenth of the latency budget). Halves, not each window
+  against the first: a shared machine's stall of a second or two makes one short window's p99
+  jump 2-5x, which is not a drift.
 It writes benchmarks/results/<date-time>-soak/ (summary.json, soak.png).
 """
 
@@ -261,7 +263,11 @@ def main() -> None:
         for s in sampler.samples
         if f"{TRACE_STORE} limit" in s["mib"]
     ]
-    first_p99 = windows[0]["p99_ms"]
+    # Drift, not a stall: the later half's windows against the earlier half's (medians). A
+    # shared machine's stall of a second or two makes one short window's p99 jump 2-5x.
+    half = max(1, len(windows) // 2)
+    early_p99 = statistics.median(w["p99_ms"] for w in windows[:half])
+    late_p99 = statistics.median(w["p99_ms"] for w in windows[-half:])
     checks = {
         "no request failed": sum(w["failed"] for w in windows) == 0,
         f"memory grew under {MAX_GROWTH:.0%} after the warm-up (Jaeger's store aside)": all(
@@ -269,9 +275,8 @@ def main() -> None:
         ),
         f"Jaeger's memory under {MAX_TRACE_STORE_SHARE:.0%} of its limit": bool(store)
         and max(store) < MAX_TRACE_STORE_SHARE,
-        f"every window's p99 within {MAX_P99_RATIO}x (or {P99_NOISE_MS:g} ms) of the first": all(
-            w["p99_ms"] <= max(MAX_P99_RATIO * first_p99, first_p99 + P99_NOISE_MS) for w in windows
-        ),
+        f"the later windows' p99 within {MAX_P99_RATIO}x (or {P99_NOISE_MS:g} ms) of the earlier"
+        " ones' (medians)": late_p99 <= max(MAX_P99_RATIO * early_p99, early_p99 + P99_NOISE_MS),
     }
     summary = {
         "minutes": args.minutes,
@@ -283,6 +288,7 @@ def main() -> None:
             name: round(g, 4) for name, g in sorted(grew.items()) if not name.endswith(" limit")
         },
         "trace_store_share_of_limit": round(max(store), 3) if store else None,
+        "p99_ms_early_late": [early_p99, late_p99],
         "memory_samples": sampler.samples,
         "checks": checks,
     }
