@@ -10,10 +10,11 @@ checks, and exits non-zero if one fails:
 - no process's memory grew by more than 5 % from the first sample (after the warm-up), but
   Jaeger's, whose trace store fills by design up to its bound (jaeger/config.yaml: max_traces);
 - Jaeger's memory stays under 80 % of its container's limit;
-- no drift of the tail: the median p99 of the later half of the windows is within 1.5x of the
-  earlier half's, or within 50 ms of it (a tenth of the latency budget). Halves, not each window
-  against the first: a shared machine's stall of a second or two makes one short window's p99
-  jump 2-5x, which is not a drift.
+- no drift of the tail, judged over 5-minute windows only (a run of 25 minutes or more): the
+  median p99 of the later half of the windows is within 1.5x of the earlier half's, or within
+  50 ms of it (a tenth of the latency budget). Halves, not each window against the first: a
+  shared machine's stall of a second or two makes one short window's p99 jump 2-5x, which is not
+  a drift. A shorter run reports its windows' p99s without judging them.
 It writes benchmarks/results/<date-time>-soak/ (summary.json, soak.png).
 """
 
@@ -275,9 +276,15 @@ def main() -> None:
         ),
         f"Jaeger's memory under {MAX_TRACE_STORE_SHARE:.0%} of its limit": bool(store)
         and max(store) < MAX_TRACE_STORE_SHARE,
-        f"the later windows' p99 within {MAX_P99_RATIO}x (or {P99_NOISE_MS:g} ms) of the earlier"
-        " ones' (medians)": late_p99 <= max(MAX_P99_RATIO * early_p99, early_p99 + P99_NOISE_MS),
     }
+    # Judged over windows of WINDOW_SECONDS only: a shorter run's windows (a 3-minute run's are
+    # 36 s) move with whatever else the machine does, and its p99s are reported, not judged.
+    judged = window >= WINDOW_SECONDS
+    if judged:
+        checks[
+            f"the later windows' p99 within {MAX_P99_RATIO}x (or {P99_NOISE_MS:g} ms) of the"
+            " earlier ones' (medians)"
+        ] = late_p99 <= max(MAX_P99_RATIO * early_p99, early_p99 + P99_NOISE_MS)
     summary = {
         "minutes": args.minutes,
         "rate": round(rate, 1),
@@ -289,6 +296,7 @@ def main() -> None:
         },
         "trace_store_share_of_limit": round(max(store), 3) if store else None,
         "p99_ms_early_late": [early_p99, late_p99],
+        "p99_drift_judged": judged,
         "memory_samples": sampler.samples,
         "checks": checks,
     }
@@ -297,6 +305,11 @@ def main() -> None:
     print("memory growth after the warm-up:")
     for name, g in sorted(grew.items()):
         print(f"  {name:40s} {g:+.1%}")
+    if not judged:
+        print(
+            f"p99 drift not judged: windows of {window:.0f} s are too short (a stall of a second "
+            f"moves one by 2-5x); early/late medians {early_p99:.1f} / {late_p99:.1f} ms"
+        )
     for name, passed in checks.items():
         print(f"{'ok  ' if passed else 'FAIL'} {name}")
     print(f"written: {out}")

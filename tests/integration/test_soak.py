@@ -1,7 +1,8 @@
 """The soak's short version (3 minutes) against the test stack: `make soak` with SOAK_MINUTES=3.
 No request fails, no process's memory grows by 5 % after the warm-up (Jaeger's store, which fills
-by design, is held to a share of its limit instead), the later windows' p99 does not pass 1.5x
-the earlier ones'; and the figures and the plot are written."""
+by design, is held to a share of its limit instead); the windows' p99s are reported (a 3-minute
+run's 36-s windows are too short to judge a drift by: `make soak` does, over 5-minute ones); and
+the figures and the plot are written."""
 
 from __future__ import annotations
 
@@ -36,7 +37,9 @@ def test_a_three_minute_soak_holds(stack: Stack, tmp_path: Path) -> None:
     assert {"otel-collector", "prometheus", "jaeger"} <= set(summary["memory_growth"])
     assert 0 < summary["trace_store_share_of_limit"] < 1
     assert (run / "soak.png").stat().st_size > 10_000
-    assert len(summary["checks"]) == 4
+    assert len(summary["checks"]) == 3
+    assert summary["p99_drift_judged"] is False
+    assert all(w["p99_ms"] > 0 for w in summary["windows"])
     assert len(summary["p99_ms_early_late"]) == 2
     assert all(summary["checks"].values()), summary["checks"]
     assert completed.returncode == 0, completed.stderr[-2000:]
