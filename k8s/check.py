@@ -27,14 +27,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -48,6 +47,7 @@ CACHE = REPO / ".venv" / "share" / "k8s"
 GOPROXY = os.environ.get("GOPROXY", "https://proxy.golang.org").split(",")[0]
 
 Manifest = dict[str, Any]
+T = TypeVar("T")
 
 
 def kustomize() -> list[str]:
@@ -287,22 +287,10 @@ def _get(url: str, body: bytes | None = None, headers: dict[str, str] | None = N
         return response.status, response.read()
 
 
-def wait_for_prediction(port: int, body: bytes, content_type: str, timeout: float) -> Any:
-    """The first prediction answered through nginx (the api may still be loading its model)."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            status, answer = _get(
-                f"http://127.0.0.1:{port}/predict", body, {"Content-Type": content_type}
-            )
-            if status == 200:
-                return json.loads(answer)
-            last = status
-        except (OSError, urllib.error.URLError) as exc:
-            last = exc
-        time.sleep(1)
-    raise SystemExit(f"k8s: no prediction through nginx in {timeout:.0f} s (last: {last})")
+def prediction(port: int, body: bytes, content_type: str) -> Any:
+    """A prediction answered through nginx, or None (the api may still be loading its model)."""
+    status, answer = _get(f"http://127.0.0.1:{port}/predict", body, {"Content-Type": content_type})
+    return json.loads(answer) if status == 200 else None
 
 
 def exports_both(port: int) -> bool:
@@ -340,6 +328,16 @@ def check_hardening(docs: list[Manifest]) -> None:
     print("k8s: every container runs as its user, read-only, with no capabilities", file=sys.stderr)
 
 
+def waited(check: Callable[[], T | None], *, timeout: float, interval: float, what: str) -> T:
+    """harness.cluster.poll, its timeout as this command's failure."""
+    from harness.cluster import poll
+
+    try:
+        return poll(check, timeout=timeout, interval=interval, what=what)
+    except TimeoutError as exc:
+        raise SystemExit(f"k8s: {exc}") from None
+
+
 def smoke(port: int = 18280, environ: Mapping[str, str] = os.environ) -> int:
     if shutil.which("podman") is None:
         raise SystemExit(
@@ -352,17 +350,23 @@ def smoke(port: int = 18280, environ: Mapping[str, str] = os.environ) -> int:
     label = int(load_test_slice()[1][0])
     docs = for_podman(manifests(), image_env(environ), port)
     with played(docs, "mnist-k8s-smoke"):
-        answer = wait_for_prediction(port, payload.body, payload.content_type, timeout=180)
+        answer = waited(
+            lambda: prediction(port, payload.body, payload.content_type),
+            timeout=180,
+            interval=1,
+            what="a prediction through nginx",
+        )
         print(f"k8s: prediction through nginx: {answer}", file=sys.stderr)
         if answer.get("digit") != label:
             raise SystemExit(f"k8s: the digit {label} was read as {answer.get('digit')}")
         # Both pods' figures reach the Collector: the api's OTLP, and nginx's stub_status
         # through its sidecar.
-        deadline = time.monotonic() + 60
-        while not exports_both(port + 1):
-            if time.monotonic() > deadline:
-                raise SystemExit("k8s: the Collector does not export the api's and nginx's metrics")
-            time.sleep(2)
+        waited(
+            lambda: exports_both(port + 1),
+            timeout=60,
+            interval=2,
+            what="the Collector to export the api's and nginx's metrics",
+        )
         print("k8s: the Collector exports the api's and nginx's metrics", file=sys.stderr)
         check_hardening(docs)
     print("k8s: smoke passed; torn down", file=sys.stderr)
