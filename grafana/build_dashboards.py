@@ -136,7 +136,7 @@ def overview() -> Dashboard:
         "Requests/s through nginx",
         [
             ("sum(rate(nginx_requests_total[1m]))", "nginx"),
-            ("mnist:edge_answered:rate1m", "answered by nginx itself (refused, health checks)"),
+            ("sum(mnist_reason:mnist_edge_answers:rate1m)", "answered by nginx itself (errors)"),
         ],
         unit="reqps",
         width=8,
@@ -188,15 +188,21 @@ def overview() -> Dashboard:
         stack=True,
     )
     d.panel(
-        "Refused for capacity (503), by reason",
+        "Refused, by reason",
         [
-            ("mnist_reason:mnist_shed:rate1m", "{{mnist_reason}}"),
-            ("mnist:shed_ratio:rate1m", "share of prediction requests"),
+            ("mnist_reason:mnist_shed:rate1m", "replicas: {{mnist_reason}}"),
+            (
+                'mnist_reason:mnist_edge_answers:rate1m{mnist_reason=~"no_replica|rate_limit"}',
+                "edge: {{mnist_reason}}",
+            ),
+            ("mnist:shed_ratio:rate1m", "replicas' share of prediction requests"),
         ],
         unit="reqps",
         stack=True,
-        description="budget: could not be answered within LATENCY_BUDGET_MS; queue_full and "
-        "inference_queue_full: a queue's safety bound. Nothing is refused below capacity.",
+        description="Replicas (503): budget, could not be answered within LATENCY_BUDGET_MS; "
+        "queue_full and inference_queue_full, a queue's safety bound. Edge: no_replica (503), "
+        "every replica at API_MAX_CONNS or none up; rate_limit (429), a client over "
+        "RATE_LIMIT_RPS. Nothing is refused below capacity.",
     )
     d.panel(
         "Waiting before service",

@@ -97,6 +97,7 @@ def test_every_rule_is_valid_and_loaded(stack: Stack) -> None:
         "MnistShedding",
         "MnistEdgeWaitHigh",
         "MnistEdgeRefusals",
+        "MnistEdgeFailures",
         "CollectorDown",
     }
     assert all(r["health"] == "ok" for r in rules), [r for r in rules if r["health"] != "ok"]

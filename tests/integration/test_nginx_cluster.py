@@ -211,6 +211,30 @@ def test_a_killed_replica_costs_no_request_and_comes_back(stack: Stack) -> None:
     )
 
 
+def edge_answers(stack: Stack) -> dict[tuple[str, str], float]:
+    """nginx's own count of the answers it gave itself (nginx/edge.js), read where the Collector
+    reads it: by (reason, status), since nginx started."""
+    text = stack.compose("exec", "-T", "nginx", "curl", "-fsS", "http://127.0.0.1:8081/metrics")
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("mnist_edge_answers_total{"):
+            labels, _, value = line.removeprefix("mnist_edge_answers_total").rpartition(" ")
+            pairs = dict(pair.split("=") for pair in labels.strip("{}").split(","))
+            key = (pairs["mnist_reason"].strip('"'), pairs["http_response_status_code"].strip('"'))
+            found[key] = float(value)
+    return found
+
+
+def wait_for_edge_answers_in_prometheus(stack: Stack, reason: str, count: float) -> None:
+    """Through the Collector to Prometheus, the same count (nginx was recreated: it starts at 0)."""
+    query = f'sum(mnist_edge_answers_total{{job="nginx", mnist_reason="{reason}"}})'
+    wait_for(
+        lambda: stack.scalar(query) == count,
+        timeout=60,
+        what=f"Prometheus to count {count:g} edge answers for {reason}",
+    )
+
+
 def test_rate_limited_clients_get_429_json(stack: Stack) -> None:
     limited = {**stack.env, "RATE_LIMIT_RPS": "5", "RATE_LIMIT_BURST": "5"}
     try:
@@ -233,6 +257,9 @@ def test_rate_limited_clients_get_429_json(stack: Stack) -> None:
         assert headers["content-type"].startswith("application/json")
         assert headers["retry-after"] == "1"
         assert "rate limit" in json.loads(body)["detail"]
+        # Every one counted by reason at the edge, and nothing else (replicas answered the rest).
+        assert edge_answers(stack) == {("rate_limit", "429"): statuses[429]}
+        wait_for_edge_answers_in_prometheus(stack, "rate_limit", statuses[429])
     finally:
         stack.compose("up", "-d", "--no-deps", "--force-recreate", "nginx")
 
@@ -298,5 +325,8 @@ def test_full_replicas_refuse_at_once_with_503_json(stack: Stack) -> None:
         assert headers["retry-after"] == "1"
         # nginx's refusal, not a replica's (a replica never holds more than one here).
         assert "every one is full" in json.loads(body)["detail"]
+        # Each counted at the edge as no replica free: the load's and the one looked at.
+        assert edge_answers(stack) == {("no_replica", "503"): load.statuses[503] + 1}
+        wait_for_edge_answers_in_prometheus(stack, "no_replica", load.statuses[503] + 1)
     finally:
         stack.compose("up", "-d", "--no-deps", "--force-recreate", "nginx")

@@ -286,18 +286,28 @@ def test_every_file_of_a_mounted_folder_is_in_a_config_map(docs: Docs) -> None:
                 assert path.read_text() in generated, f"{path.relative_to(REPO)} is in no ConfigMap"
 
 
-def test_the_collector_on_kubernetes_drops_only_the_nginx_receiver() -> None:
+NGINX_RECEIVERS = ["nginx", "prometheus/edge"]  # stub_status, and the edge's answers (edge.js)
+
+
+def test_the_collector_on_kubernetes_drops_only_the_nginx_receivers() -> None:
     """kubernetes.yaml replaces the metrics pipeline's receivers (lists are not merged): it must
-    list every one of config.yaml's but nginx, which the nginx pods' sidecars replace."""
+    list every one of config.yaml's but those that scrape nginx, which the nginx pods' sidecars
+    replace, scraping the same pages the same way."""
     config = yaml.safe_load((REPO / "otel-collector/config.yaml").read_text())
     override = yaml.safe_load((REPO / "otel-collector/kubernetes.yaml").read_text())
     compose = config["service"]["pipelines"]["metrics"]["receivers"]
     kubernetes = override["service"]["pipelines"]["metrics"]["receivers"]
-    assert "nginx" in compose
-    assert kubernetes == [name for name in compose if name != "nginx"]
+    assert set(NGINX_RECEIVERS) <= set(compose)
+    assert kubernetes == [name for name in compose if name not in NGINX_RECEIVERS]
     assert override.keys() == {"service"}  # nothing else differs
     sidecar = yaml.safe_load((REPO / "otel-collector/nginx-sidecar.yaml").read_text())
+    assert sidecar["service"]["pipelines"]["metrics"]["receivers"] == NGINX_RECEIVERS
     assert (
         sidecar["receivers"]["nginx"]["collection_interval"]
         == (config["receivers"]["nginx"]["collection_interval"])
     )
+    (central,) = config["receivers"]["prometheus/edge"]["config"]["scrape_configs"]
+    (local,) = sidecar["receivers"]["prometheus/edge"]["config"]["scrape_configs"]
+    assert central["static_configs"] == [{"targets": ["nginx:8081"]}]
+    assert local["static_configs"] == [{"targets": ["127.0.0.1:8081"]}]
+    assert {**local, "static_configs": None} == {**central, "static_configs": None}

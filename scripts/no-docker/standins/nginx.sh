@@ -25,6 +25,11 @@ verify_nginx() {
   fi
   expect_output "nginx -V has the stub_status module" 'http_stub_status_module' \
     run_container "${tag}" nginx -V &&
+    expect_output "the njs module loads where the official image has it, with a shared dict" \
+      'test is successful' \
+      run_container --entrypoint /bin/sh "${tag}" -c '
+        printf "load_module /usr/lib/nginx/modules/ngx_http_js_module.so;\nevents {}\nhttp { js_shared_dict_zone zone=probe:64k type=number; }\n" >/tmp/probe.conf
+        nginx -t -c /tmp/probe.conf 2>&1' &&
     expect_output "/bin/sh, sed, awk, envsubst and curl are there" '/envsubst' \
       run_container --entrypoint /bin/sh "${tag}" -c 'for c in sed awk envsubst curl; do command -v "$c" || exit 1; done' &&
     # What the project's nginx config needs: a zone, `server ... resolve`, a resolver, keepalive,
