@@ -15,7 +15,10 @@ checks, and exits non-zero if one fails:
   50 ms of it (a tenth of the latency budget). Halves, not each window against the first: a
   shared machine's stall of a second or two makes one short window's p99 jump 2-5x, which is not
   a drift. A shorter run reports its windows' p99s without judging them.
-It writes benchmarks/results/<date-time>-soak/ (summary.json, soak.png).
+Each window also records the cores in use: the host's, the cluster's containers', the generator's
+and the rest (the engine, anything else on a shared machine), so that a window's tail can be
+told to be the machine's or the cluster's.
+It writes benchmarks/results/<date-time>-soak/ (summary.json, soak.png: memory, p99, cores).
 """
 
 from __future__ import annotations
@@ -157,6 +160,43 @@ class Sampler(threading.Thread):
         self.join(60)
 
 
+def host_busy_seconds() -> float:
+    """CPU seconds this host has been busy since boot, over all cores (/proc/stat: user, nice,
+    system, irq, softirq, steal; guest time is already in user)."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_cores(
+    before: tuple[float, dict[str, float] | None],
+    after: tuple[float, dict[str, float] | None],
+    generator_seconds: float,
+    seconds: float,
+) -> dict[str, float] | None:
+    """Cores in use over a window: the host's, the cluster's containers', the generator's, and
+    the rest (the engine, the soak itself, anything else on a shared machine): a window's tail
+    that rises with the rest is the machine's, not the cluster's."""
+    (host_before, cluster_before), (host_after, cluster_after) = before, after
+    if cluster_before is None or cluster_after is None:
+        return None
+    host = (host_after - host_before) / seconds
+    cluster = (
+        sum(cluster_after[name] - cluster_before.get(name, 0.0) for name in cluster_after) / seconds
+    )
+    generator = generator_seconds / seconds
+    return {
+        name: round(value, 3)
+        for name, value in (
+            ("host", host),
+            ("cluster", cluster),
+            ("generator", generator),
+            ("rest", max(0.0, host - cluster - generator)),
+        )
+    }
+
+
 def saturation(url: str, mix: list[wrk.Payload]) -> float:
     """The closed-loop throughput of the mix sent in turn: from each payload's alone."""
     rates = [wrk.run(url, each, connections=64, seconds=4, threads=2).rps for each in mix]
@@ -165,11 +205,12 @@ def saturation(url: str, mix: list[wrk.Payload]) -> float:
 
 def growth(samples: list[dict[str, Any]]) -> dict[str, float]:
     """Each process's memory growth, from the median of the first quarter of the samples
-    (taken after the warm-up) to the median of the last quarter: a garbage collector's
-    sawtooth is not a trend. A process gone by the end (a restarted worker) grew infinitely."""
-    if len(samples) < 4:
+    (taken after the warm-up) to the median of the last quarter, each of three samples at
+    least: a garbage collector's sawtooth is not a trend, and one sample taken before a step
+    is not the level. A process gone by the end (a restarted worker) grew infinitely."""
+    if len(samples) < 6:
         raise RuntimeError(f"{len(samples)} memory samples: too few to tell a trend")
-    quarter = max(2, len(samples) // 4)
+    quarter = max(3, len(samples) // 4)
     grew = {}
     for name in samples[0]["mib"]:
         early = [s["mib"][name] for s in samples[:quarter] if name in s["mib"]]
@@ -184,7 +225,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (memory, latency) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    figure, (memory, latency, cpu) = plt.subplots(
+        3, 1, figsize=(9, 9), sharex=True, height_ratios=(3, 2, 2)
+    )
     samples = summary["memory_samples"]
     names = sorted({name for s in samples for name in s["mib"] if not name.endswith(" limit")})
     for name in names:
@@ -201,9 +244,15 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         label="p99 of the window",
     )
     latency.set_ylabel("latency (ms)")
-    latency.set_xlabel("minutes")
     latency.set_ylim(bottom=0)
     latency.legend()
+    ends = [(w["index"] + 1) * summary["window_seconds"] / 60 for w in windows if w["cpu_cores"]]
+    for name in ("cluster", "generator", "rest"):
+        cpu.plot(ends, [w["cpu_cores"][name] for w in windows if w["cpu_cores"]], ".-", label=name)
+    cpu.set_ylabel("CPU (cores)")
+    cpu.set_xlabel("minutes")
+    cpu.set_ylim(bottom=0)
+    cpu.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -239,10 +288,19 @@ def main() -> None:
     windows: list[dict[str, Any]] = []
     try:
         for index in range(count):
+            before = (host_busy_seconds(), cluster.cpu_seconds())
+            started = time.monotonic()
             result = vegeta.run(url, mix, rate=rate, seconds=window)
+            cores = cpu_cores(
+                before,
+                (host_busy_seconds(), cluster.cpu_seconds()),
+                result.generator_cpu_seconds,
+                time.monotonic() - started,
+            )
             windows.append(
                 {
                     "index": index,
+                    "cpu_cores": cores,
                     "requests": result.requests,
                     "statuses": result.statuses,
                     "failed": result.failed,
@@ -253,7 +311,8 @@ def main() -> None:
             w = windows[-1]
             print(
                 f"  window {index + 1}/{count}: {w['requests']} requests, {w['failed']} failed, "
-                f"p50 {w['p50_ms']:.1f} ms, p99 {w['p99_ms']:.1f} ms"
+                f"p50 {w['p50_ms']:.1f} ms, p99 {w['p99_ms']:.1f} ms; cores "
+                + (", ".join(f"{k} {v:.2f}" for k, v in cores.items()) if cores else "unknown")
             )
     finally:
         sampler.stop()

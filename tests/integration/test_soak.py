@@ -1,8 +1,8 @@
 """The soak's short version (3 minutes) against the test stack: `make soak` with SOAK_MINUTES=3.
 No request fails, no process's memory grows by 5 % after the warm-up (Jaeger's store, which fills
 by design, is held to a share of its limit instead); the windows' p99s are reported (a 3-minute
-run's 36-s windows are too short to judge a drift by: `make soak` does, over 5-minute ones); and
-the figures and the plot are written."""
+run's 36-s windows are too short to judge a drift by: `make soak` does, over 5-minute ones) with
+the cores in use in each; and the figures and the plot are written."""
 
 from __future__ import annotations
 
@@ -41,5 +41,10 @@ def test_a_three_minute_soak_holds(stack: Stack, tmp_path: Path) -> None:
     assert summary["p99_drift_judged"] is False
     assert all(w["p99_ms"] > 0 for w in summary["windows"])
     assert len(summary["p99_ms_early_late"]) == 2
+    for window in summary["windows"]:  # the cores in use, to tell the machine's stalls apart
+        cores = window["cpu_cores"]
+        assert cores["cluster"] > 0.05, cores
+        assert cores["generator"] > 0.01, cores
+        assert cores["host"] >= 0.9 * (cores["cluster"] + cores["generator"]), cores
     assert all(summary["checks"].values()), summary["checks"]
     assert completed.returncode == 0, completed.stderr[-2000:]
