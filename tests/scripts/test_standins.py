@@ -69,6 +69,18 @@ def test_an_unreachable_registry_is_named_and_tried_once(tools: FakeTools) -> No
     assert pulls(tools) == ["nginx:1.30.6", "ghcr.io/example/app:1"]
 
 
+def test_a_pull_cut_partway_stops_the_run_instead_of_building_stand_ins(tools: FakeTools) -> None:
+    # The registry answered (the manifest, a layer started), then the link timed out: a slow or
+    # broken link to a registry that exists, which a stand-in would only hide.
+    result = choose(tools, FAKE_PULL="cut")
+    assert result.returncode == 1
+    assert "stand-in" not in result.stdout
+    assert "`docker pull nginx:1.30.6` failed partway" in result.stderr
+    assert "i/o timeout" in result.stderr
+    assert "run it again" in result.stderr
+    assert pulls(tools) == ["nginx:1.30.6"]
+
+
 @pytest.mark.parametrize(
     ("behaviour", "said"),
     [("missing", "manifest unknown"), ("denied", "pull access denied")],

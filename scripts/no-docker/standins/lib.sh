@@ -88,12 +88,18 @@ registry_of() {
 # never completes), as opposed to an answer from it.
 readonly UNREACHABLE_ERRORS='no such host|name resolution|server misbehaving|connection refused|network is unreachable|no route to host|i/o timeout|TLS handshake timeout|context deadline exceeded|Client\.Timeout exceeded|proxyconnect'
 
+# Pull output that only an answering registry produces (Docker's and podman's words for a manifest
+# found and layers on their way): a network error after it is a slow or broken link, not a
+# registry out of reach.
+readonly ANSWERED='Pulling from|Pulling fs layer|Downloading|Download complete|Already exists|Copying blob|Digest:'
+
 # Registries found unreachable in this run, with why: each is tried once.
 declare -A UNREACHABLE=()
 
 # Pulls TAG with no time limit once its registry answers. Fails (for a stand-in) only when the
-# registry cannot be reached: a pull error of that kind, or no word at all for REGISTRY_TIMEOUT
-# seconds. Any other failure stops the run with the engine's error.
+# registry cannot be reached: a pull error of that kind before any answer, or no word at all for
+# REGISTRY_TIMEOUT seconds. Any other failure, a network error partway included, stops the run
+# with the engine's error.
 pull_official() {
   local tag="$1" registry output pid started="${SECONDS}" status=0 error
   registry="$(registry_of "${tag}")"
@@ -123,6 +129,12 @@ pull_official() {
     return 0
   fi
   error="$(sed '/^[[:space:]]*$/d' "${output}" | tail -n 1)"
+  if grep -Eq -- "${ANSWERED}" "${output}"; then
+    rm -f "${output}"
+    die "\`docker pull ${tag}\` failed partway: ${error}" \
+      "-- the registry answered, so the link is slow or broken, not cut off: run it again" \
+      "(a pull resumes with the layers it has), or set STANDINS_FORCE=1 to build stand-ins instead"
+  fi
   rm -f "${output}"
   if grep -Eqi -- "${UNREACHABLE_ERRORS}" <<<"${error}"; then
     UNREACHABLE[${registry}]="${error}"
