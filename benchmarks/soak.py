@@ -160,27 +160,50 @@ class Sampler(threading.Thread):
         self.join(60)
 
 
-def host_busy_seconds() -> float:
+CpuReading = tuple[float, float, dict[str, float]]  # when (monotonic), host busy, containers
+
+
+def host_busy_seconds() -> float | None:
     """CPU seconds this host has been busy since boot, over all cores (/proc/stat: user, nice,
-    system, irq, softirq, steal; guest time is already in user)."""
-    with open("/proc/stat") as stat:
-        fields = [int(v) for v in stat.readline().split()[1:9]]
+    system, irq, softirq, steal; guest time is already in user); None without /proc/stat."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_cores(
-    before: tuple[float, dict[str, float] | None],
-    after: tuple[float, dict[str, float] | None],
-    generator_seconds: float,
-    seconds: float,
-) -> dict[str, float] | None:
-    """Cores in use over a window: the host's, the cluster's containers', the generator's, and
-    the rest (the engine, the soak itself, anything else on a shared machine): a window's tail
-    that rises with the rest is the machine's, not the cluster's."""
-    (host_before, cluster_before), (host_after, cluster_after) = before, after
-    if cluster_before is None or cluster_after is None:
+def engine_on_this_host(cluster: Cluster) -> bool:
+    """Whether the containers' processes are this host's (not in a VM or on another machine):
+    only then do the host's CPU figures include the cluster's."""
+    for container in cluster.replicas()[:1]:
+        pid = engine_get(cluster.env, f"/containers/{container}/json")["State"].get("Pid")
+        return bool(pid) and os.path.exists(f"/proc/{pid}")
+    return False
+
+
+def cpu_reading(cluster: Cluster, local: bool) -> CpuReading | None:
+    """The containers' CPU seconds and the host's busy seconds, read together, and when; None
+    where they cannot be compared (no /proc/stat, or the engine on another machine)."""
+    containers = cluster.cpu_seconds()
+    host = host_busy_seconds()
+    if not local or containers is None or host is None:
         return None
+    return time.monotonic(), host, containers
+
+
+def cpu_cores(
+    before: CpuReading | None, after: CpuReading | None, generator_seconds: float
+) -> dict[str, float] | None:
+    """Cores in use between two readings: the host's, the cluster's containers', the
+    generator's, and the rest (the engine, the soak itself, anything else on a shared machine):
+    a window's tail that rises with the rest is the machine's, not the cluster's."""
+    if before is None or after is None:
+        return None
+    (at_before, host_before, cluster_before), (at_after, host_after, cluster_after) = before, after
+    seconds = at_after - at_before
     host = (host_after - host_before) / seconds
     cluster = (
         sum(cluster_after[name] - cluster_before.get(name, 0.0) for name in cluster_after) / seconds
@@ -283,20 +306,15 @@ def main() -> None:
 
     # Warm-up, not measured: every worker's first batches, allocator and caches settle.
     vegeta.run(url, mix, rate=rate, seconds=min(60.0, window))
+    local = engine_on_this_host(cluster)
     sampler = Sampler(cluster, every=min(SAMPLE_SECONDS, window / 2))
     sampler.start()
     windows: list[dict[str, Any]] = []
     try:
         for index in range(count):
-            before = (host_busy_seconds(), cluster.cpu_seconds())
-            started = time.monotonic()
+            before = cpu_reading(cluster, local)
             result = vegeta.run(url, mix, rate=rate, seconds=window)
-            cores = cpu_cores(
-                before,
-                (host_busy_seconds(), cluster.cpu_seconds()),
-                result.generator_cpu_seconds,
-                time.monotonic() - started,
-            )
+            cores = cpu_cores(before, cpu_reading(cluster, local), result.generator_cpu_seconds)
             windows.append(
                 {
                     "index": index,

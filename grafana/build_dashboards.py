@@ -202,7 +202,7 @@ def overview() -> Dashboard:
         description="Replicas (503): budget, could not be answered within LATENCY_BUDGET_MS; "
         "queue_full and inference_queue_full, a queue's safety bound. Edge: no_replica (503), "
         "every replica at API_MAX_CONNS or none up; rate_limit (429), a client over "
-        "RATE_LIMIT_RPS. Nothing is refused below capacity.",
+        "RATE_LIMIT_RPS. The replicas refuse nothing below capacity.",
     )
     d.panel(
         "Waiting before service",

@@ -88,9 +88,13 @@ error 400 "bad request: the request line or a header is malformed"
 error 403 "forbidden"
 error 404 "not found: this path is neither the page nor the API (see /docs)"
 error 405 "method not allowed on this path"
+error 411 "length required: send Content-Length or a chunked body"
 error 414 "request URI too long"
+error 416 "requested range not satisfiable"
 error 431 "request header fields too large"
 error 500 "internal error at the edge"
+error 501 "not implemented: unsupported Transfer-Encoding or method"
+error 505 "HTTP version not supported"
 printf '{"detail":"request body too large: the limit is %s bytes"}\n' "$body" > /tmp/errors/413.json
 printf '{"detail":"rate limit exceeded: %s; retry shortly"}\n' "$rate_said" > /tmp/errors/429.json
 printf '{"detail":"no API replica could answer in time; retry shortly"}\n' > /tmp/errors/50x.json

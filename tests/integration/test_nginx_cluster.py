@@ -70,6 +70,33 @@ def test_oversized_body_is_refused_at_the_edge(stack: Stack) -> None:
     assert headers["content-type"].startswith("application/json")
     assert "too large" in json.loads(payload)["detail"]
     assert "x-served-by" not in headers  # refused by nginx, never forwarded
+    assert edge_answers(stack).get(("too_large", "413"), 0) >= 1
+
+
+def edge_answers(stack: Stack) -> dict[tuple[str, str], float]:
+    """nginx's own count of the answers it gave itself (nginx/edge.js), read where the Collector
+    reads it: by (reason, status), since nginx started; the reasons it has not given left out
+    (those the alerts use are shown at 0 from the first read)."""
+    text = stack.compose("exec", "-T", "nginx", "curl", "-fsS", "http://127.0.0.1:8081/metrics")
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("mnist_edge_answers_total{"):
+            labels, _, value = line.removeprefix("mnist_edge_answers_total").rpartition(" ")
+            pairs = dict(pair.split("=") for pair in labels.strip("{}").split(","))
+            key = (pairs["mnist_reason"].strip('"'), pairs["http_response_status_code"].strip('"'))
+            if float(value):
+                found[key] = float(value)
+    return found
+
+
+def wait_for_edge_answers_in_prometheus(stack: Stack, reason: str, count: float) -> None:
+    """Through the Collector to Prometheus, the same count (nginx was recreated: it starts at 0)."""
+    query = f'sum(mnist_edge_answers_total{{job="nginx", mnist_reason="{reason}"}})'
+    wait_for(
+        lambda: stack.scalar(query) == count,
+        timeout=60,
+        what=f"Prometheus to count {count:g} edge answers for {reason}",
+    )
 
 
 def raw(stack: Stack, request: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -83,6 +110,19 @@ def raw(stack: Stack, request: bytes) -> tuple[int, dict[str, str], bytes]:
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     headers = dict(line.lower().split(": ", 1) for line in header_lines if ": " in line)
     return int(status_line.split()[1]), headers, body
+
+
+# nginx/edge.js's reason for each status nginx answers itself.
+EDGE_REASONS = {
+    400: "bad_request",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    414: "uri_too_long",
+    431: "header_too_large",
+    501: "not_implemented",
+    505: "http_version_not_supported",
+}
 
 
 @pytest.mark.parametrize(
@@ -120,6 +160,17 @@ def raw(stack: Stack, request: bytes) -> tuple[int, dict[str, str], bytes]:
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
             405,
         ),
+        (
+            "an unknown Transfer-Encoding",
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n"
+            b"Connection: close\r\n\r\n",
+            501,
+        ),
+        (
+            "HTTP/3 in plain text",
+            b"GET /healthz HTTP/3.0\r\nHost: x\r\nConnection: close\r\n\r\n",
+            505,
+        ),
     ],
     ids=lambda value: value if isinstance(value, str) else "",
 )
@@ -129,6 +180,7 @@ def test_the_edges_own_errors_are_json(
     # nginx answers a request line or header too long before it has read the rest, then
     # closes: the unread rest can make the kernel reset the connection before the client reads
     # the answer. Such a client tries again; so does this test, a few times.
+    before = edge_answers(stack)
     for attempt in range(5):
         try:
             got, headers, body = raw(stack, request_bytes)
@@ -140,6 +192,17 @@ def test_the_edges_own_errors_are_json(
     assert headers["content-type"].startswith("application/json"), (name, headers)
     assert json.loads(body)["detail"]
     assert "retry-after" not in headers  # a retry would meet the same answer
+    # Counted at the edge under its own reason: once for each try nginx answered.
+    counted = {
+        key: count - before.get(key, 0)
+        for key, count in edge_answers(stack).items()
+        if count != before.get(key, 0)
+    }
+    assert len(counted) == 1, counted
+    ((reason, code), answers) = counted.popitem()
+    assert code == str(status), counted
+    assert reason == EDGE_REASONS[status]
+    assert 1 <= answers <= attempt + 1
 
 
 def test_app_errors_pass_through_as_json(stack: Stack) -> None:
@@ -208,30 +271,6 @@ def test_a_killed_replica_costs_no_request_and_comes_back(stack: Stack) -> None:
         ),
         timeout=180,
         what="the killed replica to restart and be healthy again",
-    )
-
-
-def edge_answers(stack: Stack) -> dict[tuple[str, str], float]:
-    """nginx's own count of the answers it gave itself (nginx/edge.js), read where the Collector
-    reads it: by (reason, status), since nginx started."""
-    text = stack.compose("exec", "-T", "nginx", "curl", "-fsS", "http://127.0.0.1:8081/metrics")
-    found = {}
-    for line in text.splitlines():
-        if line.startswith("mnist_edge_answers_total{"):
-            labels, _, value = line.removeprefix("mnist_edge_answers_total").rpartition(" ")
-            pairs = dict(pair.split("=") for pair in labels.strip("{}").split(","))
-            key = (pairs["mnist_reason"].strip('"'), pairs["http_response_status_code"].strip('"'))
-            found[key] = float(value)
-    return found
-
-
-def wait_for_edge_answers_in_prometheus(stack: Stack, reason: str, count: float) -> None:
-    """Through the Collector to Prometheus, the same count (nginx was recreated: it starts at 0)."""
-    query = f'sum(mnist_edge_answers_total{{job="nginx", mnist_reason="{reason}"}})'
-    wait_for(
-        lambda: stack.scalar(query) == count,
-        timeout=60,
-        what=f"Prometheus to count {count:g} edge answers for {reason}",
     )
 
 

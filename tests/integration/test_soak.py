@@ -43,6 +43,7 @@ def test_a_three_minute_soak_holds(stack: Stack, tmp_path: Path) -> None:
     assert len(summary["p99_ms_early_late"]) == 2
     for window in summary["windows"]:  # the cores in use, to tell the machine's stalls apart
         cores = window["cpu_cores"]
+        assert cores is not None, "no CPU figures: is the engine on this host?"
         assert cores["cluster"] > 0.05, cores
         assert cores["generator"] > 0.01, cores
         assert cores["host"] >= 0.9 * (cores["cluster"] + cores["generator"]), cores
