@@ -145,7 +145,7 @@ def to_grayscale(image: Image.Image) -> FloatImage:
     """Decode `image` to grayscale floats in [0, 1] (original polarity, alpha flattened)."""
     try:
         if image.format == "JPEG":
-            # Let libjpeg decode at a reduced scale (1/2 .. 1/8): a 12 MP photo costs ~1/16.
+            # Let libjpeg decode at a reduced scale (1/2 .. 1/8): a large photo costs a fraction.
             image.draft(image.mode if image.mode in ("L", "RGB") else None, (WORK_SIDE, WORK_SIDE))
         # Animated GIF/PNG/WebP and multi-page TIFF open on their first frame: that is the one
         # decoded here.
@@ -226,7 +226,7 @@ def _tile_background(gray: FloatImage, *, light: bool) -> FloatImage:
 
 
 def _quantile(values: FloatImage, q: float, *, scratch: bool = False) -> float:
-    """The q-quantile (0..1) of `values`, nearest rank. A partial sort is ~10x cheaper than
+    """The q-quantile (0..1) of `values`, nearest rank. A partial sort is much cheaper than
     np.median/np.percentile on the small arrays that most uploads are. `scratch`: `values`
     is a temporary that may be reordered in place (saves a copy)."""
     flat = values.ravel() if scratch else values.flatten()
@@ -259,7 +259,7 @@ def _resampling_matrix(size: int, new_size: int) -> npt.NDArray[np.float64]:
     kernel is widened by the scale factor when reducing, and each row sums to 1).
 
     Applied as two small matrix products, it gives Pillow's result (to 1 float32 ulp) on
-    digit-sized crops at a sixth of the cost. At most 20 x 1024 doubles each."""
+    digit-sized crops at a fraction of the cost. At most 20 x 1024 doubles each."""
     scale = size / new_size
     stretch = max(scale, 1.0)
     support = 3.0 * stretch

@@ -192,9 +192,9 @@ class _Off(Series):
 
 class FastHistogram:
     """A histogram aggregated here and exported with the SDK's metrics (`Metrics.merged`): a
-    bisect and a few additions per measurement, ~0.4 us, where the SDK's synchronous histogram
-    costs 2.7 us, 5.9 us with the HTTP metric's five attributes (a Measurement object, the
-    attributes' hash, a lock: docs/design.md#metrics-at-a-small-cost). A series per attribute
+    bisect and a few additions per measurement, a fraction of the SDK's synchronous histogram's
+    cost (a Measurement object, the attributes' hash, a lock; measured in
+    docs/design.md#metrics-at-a-small-cost). A series per attribute
     set, made once (`series`); cumulative, as the Collector's Prometheus exporter takes them.
     Recorded on the event loop; read by the export thread, which copies each series' counts at
     once (a measurement being recorded meanwhile shows in the next export)."""

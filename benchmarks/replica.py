@@ -167,7 +167,7 @@ def measure(
     against the service, and the service's one-connection latency."""
 
     def seconds(name: str) -> float:
-        # The naive server answers ~30 req/s: a few seconds of it say all there is.
+        # The naive server is slow (one image at a time, TensorFlow): a few seconds say it all.
         return float(args.seconds if name != "naive" else min(args.seconds, 5.0))
 
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in apps}

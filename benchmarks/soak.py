@@ -29,7 +29,6 @@ import math
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -39,6 +38,7 @@ from typing import Any
 from benchmarks import results_dir
 from harness import vegeta, wrk
 from harness.cluster import Cluster, engine_get, running_cluster
+from harness.memory import TRACE_STORE, memory_sample
 from harness.payloads import payloads
 from harness.servers import REPO
 
@@ -47,94 +47,15 @@ WINDOW_SECONDS = 300.0
 MAX_GROWTH = 0.05
 # Jaeger keeps up to max_traces in memory (jaeger/config.yaml): it grows by design while that
 # fills, so it is held to a share of its container's memory limit instead of to MAX_GROWTH.
-TRACE_STORE = "jaeger"
 MAX_TRACE_STORE_SHARE = 0.8
 MAX_P99_RATIO = 1.5
-# A p99 this much above the first window's passes whatever the ratio: a tenth of the latency
-# budget. At p99s of 10-30 ms a shared 2-core machine's stalls move windows of under a minute
-# by 2-3x; a drift that matters heads for the budget.
+# A p99 this much above the earlier windows' passes whatever the ratio: a tenth of the latency
+# budget. At p99s of a few tens of ms a shared machine's stalls move short windows by several
+# times (benchmarks/README.md); a drift that matters heads for the budget.
 P99_NOISE_MS = 50.0
-# The rate, as a share of the closed-loop saturation of the mix: make bench finds the open-loop
-# saturation at about 0.7 of the closed-loop one, so this is about half of it.
+# The rate, as a share of the closed-loop saturation of the mix: about half the open-loop
+# saturation, which make bench finds well below the closed-loop one (benchmarks/README.md).
 LOAD = 0.35
-
-# Run in each replica: "<pid> <RSS kB> <command>" of its gunicorn processes.
-RSS_PROBE = (
-    "import glob, os\n"
-    "for status in glob.glob('/proc/[0-9]*/status'):\n"
-    "    pid = status.split('/')[2]\n"
-    "    try:\n"
-    "        fields = dict(l.split(':', 1) for l in open(status) if ':' in l)\n"
-    "        cmd = open(f'/proc/{pid}/cmdline').read().split('\\0')\n"
-    "    except OSError:\n"
-    "        continue\n"
-    "    if pid != str(os.getpid()) and any('gunicorn' in part for part in cmd[:2]):\n"
-    "        print(pid, fields['VmRSS'].split()[0])\n"
-)
-
-
-def host_rss(root_pid: int) -> dict[str, float] | None:
-    """MiB of the process `root_pid` (a replica's gunicorn master, seen from the host) and its
-    children, from the host's /proc; None where the engine's processes are not on this host."""
-
-    def status(pid: str) -> dict[str, str]:
-        with open(f"/proc/{pid}/status") as lines:
-            return dict(line.split(":", 1) for line in lines if ":" in line)
-
-    try:
-        found = {str(root_pid): status(str(root_pid))}
-    except OSError:
-        return None
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = status(entry)
-            except OSError:
-                continue
-            if fields.get("PPid", "").strip() == str(root_pid):
-                found[entry] = fields
-    return {
-        pid: int(fields["VmRSS"].split()[0]) / 1024
-        for pid, fields in found.items()
-        if "VmRSS" in fields
-    }
-
-
-def memory_sample(cluster: Cluster) -> dict[str, float]:
-    """MiB by process: every gunicorn process of every replica ("<replica>/<pid>"), the
-    Collector, Prometheus and Jaeger (and Jaeger's memory limit). Read from the host's /proc
-    where the engine runs here (nothing runs in the replicas: a sample must not load what it
-    measures), else from inside them."""
-    sample: dict[str, float] = {}
-    for container in cluster.replicas():
-        info = engine_get(cluster.env, f"/containers/{container}/json")
-        on_host = host_rss(int(info["State"]["Pid"])) if info["State"].get("Pid") else None
-        if on_host:
-            for pid, mib in on_host.items():
-                sample[f"api {container[:8]}/{pid}"] = mib
-            continue
-        probe = subprocess.run(
-            ["docker", "exec", container, "python3", "-c", RSS_PROBE],
-            env=cluster.env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        for line in probe.stdout.splitlines():
-            pid, rss_kb = line.split()
-            sample[f"api {container[:8]}/{pid}"] = int(rss_kb) / 1024
-    for service in ("otel-collector", "prometheus", TRACE_STORE):
-        for container in cluster.compose("ps", "-q", service).split():
-            stats = engine_get(
-                cluster.env, f"/containers/{container}/stats?stream=false&one-shot=true"
-            )
-            memory = stats.get("memory_stats", {})
-            if memory.get("usage"):
-                sample[service] = memory["usage"] / 2**20
-            if service == TRACE_STORE and memory.get("limit"):
-                sample[f"{service} limit"] = memory["limit"] / 2**20
-    return sample
 
 
 class Sampler(threading.Thread):

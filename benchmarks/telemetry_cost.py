@@ -33,9 +33,10 @@ async def measure(requests: int) -> float:
 
     from app.config import Settings
     from app.main import create_app
-    from tests.helpers import digit_image, multipart, png_bytes
+    from harness.payloads import payloads
 
-    body, content_type = multipart(png_bytes(digit_image()))
+    upload = payloads()["png-28x28"]
+    body, content_type = upload.body, upload.content_type
     headers = [(b"content-type", content_type.encode()), (b"content-length", b"%d" % len(body))]
     app = create_app(Settings())
     started = asyncio.Event()

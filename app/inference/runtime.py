@@ -1,7 +1,8 @@
 """Loading the model and running it on a batch.
 
-The service runs the LiteRT export of the Keras model (`mnist_model.tflite`): per the model card
-it is ~20x faster than a `tf.function` at batch 1 and keeps TensorFlow out of the serving image.
+The service runs the LiteRT export of the Keras model (`mnist_model.tflite`): it is much faster
+than a `tf.function` at small batches (the model card has the figures) and keeps TensorFlow out
+of the serving image.
 `MODEL_PATH` may name the Keras file (the artefact of record); its LiteRT export is used when
 `metrics.json` says the export was made from that very file. Otherwise, or with
 MODEL_RUNTIME=tensorflow, the Keras file is run as a `tf.function` with a fixed input signature

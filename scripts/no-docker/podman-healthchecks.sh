@@ -9,9 +9,9 @@
 # `make up` and --scale see it healthy soon), every INTERVAL seconds (compose's 5 s) once it is
 # healthy or unhealthy.
 #
-# Each check costs a podman process and an exec in the container (~0.1 s of CPU): on a
-# 2-core machine, checking five containers every 2 s took an eighth of the CPU, in bursts that
-# showed as latency spikes in the benchmarks.
+# Each check costs a podman process and an exec in the container: on a small machine, checking
+# every container every 2 s took a noticeable share of the CPU, in bursts that showed as
+# latency spikes in the benchmarks (scripts/no-docker/README.md).
 #
 #   scripts/no-docker/podman-healthchecks.sh start   start the loop in the background (idempotent)
 #   scripts/no-docker/podman-healthchecks.sh stop

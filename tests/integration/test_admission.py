@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from harness import wrk
-from tests.integration.conftest import (
+from tests.integration.stack import (
     DIGIT_BODY,
     DIGIT_TYPE,
     REPLICAS,

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.integration.conftest import PORT, PROJECT, REPLICAS, REPO, Stack
+from tests.integration.stack import PORT, PROJECT, REPLICAS, REPO, Stack
 
 SCENARIOS = {
     "replicas",

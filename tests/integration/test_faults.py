@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import time
 
-from tests.integration.conftest import (
+from tests.integration.stack import (
     REPLICAS,
     Load,
     Stack,

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from harness.cluster import Cluster
-from tests.integration.conftest import DIGIT_BODY, DIGIT_TYPE, engine_env, wait_for
+from tests.integration.stack import DIGIT_BODY, DIGIT_TYPE, engine_env, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECT = "mnist-fresh"

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from k8s.check import manifests, smoke
-from tests.integration.conftest import Load, Stack, wait_for
+from tests.integration.stack import Load, Stack, wait_for
 
 
 def test_the_rendered_pods_serve_predictions_under_podman(stack: Stack) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import multipart, png_bytes
-from tests.integration.conftest import (
+from tests.integration.stack import (
     REPLICAS,
     Stack,
     predict,

@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 
 from tests.helpers import multipart
-from tests.integration.conftest import (
+from tests.integration.stack import (
     DIGIT_BODY,
     DIGIT_TYPE,
     REPLICAS,

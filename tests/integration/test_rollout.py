@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import REPLICAS, REPO, Load, Stack, predict, wait_for
+from tests.integration.stack import REPLICAS, REPO, Load, Stack, predict, wait_for
 
 NEW_IMAGE = "mnist-api:rollout-test"
 NEW_VERSION_SUFFIX = "-rollout-test"

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.integration.conftest import PORT, PROJECT, REPLICAS, REPO, Stack
+from tests.integration.stack import PORT, PROJECT, REPLICAS, REPO, Stack
 
 
 def test_a_three_minute_soak_holds(stack: Stack, tmp_path: Path) -> None:

@@ -15,9 +15,9 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from benchmarks.soak import memory_sample
+from harness.memory import memory_sample
 from tests.helpers import digit_image
-from tests.integration.conftest import (
+from tests.integration.stack import (
     DIGIT_BODY,
     DIGIT_TYPE,
     REPLICAS,

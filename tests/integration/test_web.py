@@ -22,7 +22,7 @@ from playwright.sync_api import Browser, FilePayload, Playwright, Request, Route
 from harness.mnist_slice import load_test_slice
 from harness.strokes import strokes
 from tests.helpers import digit_image, png_bytes
-from tests.integration.conftest import Stack
+from tests.integration.stack import Stack
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO / "docs" / "web-page.png"
