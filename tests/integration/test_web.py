@@ -97,7 +97,16 @@ class Visit:
         assert box is not None
         mouse = self.page.mouse
         drawn = strokes(digit)
-        for n, stroke in enumerate(drawn):
+        # Each lift of the pen sends the drawing so far: the answer to the whole drawing is the
+        # answer to the last request sent, whenever the earlier ones' answers arrive.
+        sent: list[Request] = []
+
+        def on_request(request: Request) -> None:
+            if request.url.endswith("/predict"):
+                sent.append(request)
+
+        self.page.on("request", on_request)
+        for stroke in drawn:
             points = [
                 (
                     box["x"] + ((1 - EXTENT) / 2 + x * EXTENT) * box["width"],
@@ -109,12 +118,15 @@ class Visit:
             mouse.down()
             for point in points[1:]:
                 mouse.move(*point)
-            if n < len(drawn) - 1:
-                mouse.up()
-                continue
-            with self.page.expect_response(lambda r: r.url.endswith("/predict")) as answer:
-                mouse.up()
-        response = answer.value
+            mouse.up()
+        for _ in range(200):
+            if len(sent) >= len(drawn):
+                break
+            self.page.wait_for_timeout(50)
+        self.page.remove_listener("request", on_request)
+        assert len(sent) == len(drawn), f"{len(sent)} requests for {len(drawn)} strokes"
+        response = sent[-1].response()
+        assert response is not None
         body: dict[str, Any] = response.json()
         body["_served_by"] = response.headers.get("x-served-by", "")
         self.wait_shown(str(body["digit"]))
