@@ -7,9 +7,11 @@ Every 30 s (twice a window, in a short run) it samples each gunicorn process's R
 in its replica) and the Collector's, Prometheus' and Jaeger's memory (the engine's stats). It
 checks, and exits non-zero if one fails:
 - no request failed or was refused;
-- no process's memory grew by more than 5 % from the first sample (after the warm-up), but
-  Jaeger's, whose trace store fills by design up to its bound (jaeger/config.yaml: max_traces);
-- Jaeger's memory stays under 80 % of its container's limit;
+- no process's memory grew by more than 5 % from the first samples after the first window (the
+  warm-up of memory) to the last, but Jaeger's and Prometheus', whose stores fill by design
+  (Jaeger's traces up to jaeger/config.yaml's max_traces; Prometheus' head block, the last 2-3
+  hours of samples): each stays under 80 % of its container's memory limit, and Prometheus'
+  series (what would grow without bound in it) grow under 5 %;
 - no drift of the tail, judged over 5-minute windows only (a run of 25 minutes or more): the
   median p99 of the later half of the windows is within 1.5x of the earlier half's, or within
   50 ms of it (a tenth of the latency budget). Halves, not each window against the first: a
@@ -32,22 +34,25 @@ import statistics
 import sys
 import threading
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from benchmarks import results_dir
 from harness import vegeta, wrk
 from harness.cluster import Cluster, engine_get, running_cluster
-from harness.memory import TRACE_STORE, memory_sample
+from harness.memory import FILLING_STORES, memory_sample
 from harness.payloads import payloads
 from harness.servers import REPO
 
 SAMPLE_SECONDS = 30.0
 WINDOW_SECONDS = 300.0
 MAX_GROWTH = 0.05
-# Jaeger keeps up to max_traces in memory (jaeger/config.yaml): it grows by design while that
-# fills, so it is held to a share of its container's memory limit instead of to MAX_GROWTH.
-MAX_TRACE_STORE_SHARE = 0.8
+# Jaeger's trace store and Prometheus' head block grow by design while they fill (harness.memory):
+# each is held to a share of its container's memory limit instead of to MAX_GROWTH, and
+# Prometheus' series, what would grow without bound in it, to MAX_GROWTH.
+MAX_STORE_SHARE = 0.8
 MAX_P99_RATIO = 1.5
 # A p99 this much above the earlier windows' passes whatever the ratio: a tenth of the latency
 # budget. At p99s of a few tens of ms a shared machine's stalls move short windows by several
@@ -141,17 +146,32 @@ def cpu_cores(
     }
 
 
+def head_series(cluster: Cluster) -> float | None:
+    """The series in Prometheus' head block (prometheus_tsdb_head_series), through its
+    published port; None where it cannot be asked."""
+    try:
+        address = cluster.published("prometheus", 9090)
+        query = urllib.parse.urlencode({"query": "prometheus_tsdb_head_series"})
+        with urllib.request.urlopen(f"http://{address}/api/v1/query?{query}", timeout=10) as answer:
+            result = json.load(answer)["data"]["result"]
+        return float(result[0]["value"][1]) if result else None
+    except (OSError, RuntimeError, ValueError, KeyError, IndexError):
+        return None
+
+
 def saturation(url: str, mix: list[wrk.Payload]) -> float:
     """The closed-loop throughput of the mix sent in turn: from each payload's alone."""
     rates = [wrk.run(url, each, connections=64, seconds=4, threads=2).rps for each in mix]
     return len(rates) / sum(1 / r for r in rates)
 
 
-def growth(samples: list[dict[str, Any]]) -> dict[str, float]:
-    """Each process's memory growth, from the median of the first quarter of the samples
-    (taken after the warm-up) to the median of the last quarter, each of three samples at
-    least: a garbage collector's sawtooth is not a trend, and one sample taken before a step
-    is not the level. A process gone by the end (a restarted worker) grew infinitely."""
+def growth(samples: list[dict[str, Any]], settle: float) -> dict[str, float]:
+    """Each process's memory growth over the samples taken from `settle` seconds on (the first
+    window: a Collector just started sizes its heap and fills its caches for minutes), from the
+    median of their first quarter to the median of their last, each of three samples at least:
+    a garbage collector's sawtooth is not a trend, and one sample taken before a step is not
+    the level. A process gone by the end (a restarted worker) grew infinitely."""
+    samples = [s for s in samples if s["second"] >= settle]
     if len(samples) < 6:
         raise RuntimeError(f"{len(samples)} memory samples: too few to tell a trend")
     quarter = max(3, len(samples) // 4)
@@ -229,6 +249,7 @@ def main() -> None:
     vegeta.run(url, mix, rate=rate, seconds=min(60.0, window))
     local = engine_on_this_host(cluster)
     sampler = Sampler(cluster, every=min(SAMPLE_SECONDS, window / 2))
+    series_before = head_series(cluster)
     sampler.start()
     windows: list[dict[str, Any]] = []
     try:
@@ -256,12 +277,19 @@ def main() -> None:
     finally:
         sampler.stop()
 
-    grew = growth(sampler.samples)
-    store = [
-        s["mib"][TRACE_STORE] / s["mib"][f"{TRACE_STORE} limit"]
-        for s in sampler.samples
-        if f"{TRACE_STORE} limit" in s["mib"]
-    ]
+    grew = growth(sampler.samples, settle=window)
+    series_after = head_series(cluster)
+    stores = {
+        name: max(
+            (
+                s["mib"][name] / s["mib"][f"{name} limit"]
+                for s in sampler.samples
+                if f"{name} limit" in s["mib"] and name in s["mib"]
+            ),
+            default=None,
+        )
+        for name in FILLING_STORES
+    }
     # Drift, not a stall: the later half's windows against the earlier half's (medians). A
     # shared machine's stall of a second or two makes one short window's p99 jump 2-5x.
     half = max(1, len(windows) // 2)
@@ -269,11 +297,15 @@ def main() -> None:
     late_p99 = statistics.median(w["p99_ms"] for w in windows[-half:])
     checks = {
         "no request failed": sum(w["failed"] for w in windows) == 0,
-        f"memory grew under {MAX_GROWTH:.0%} after the warm-up (Jaeger's store aside)": all(
-            g < MAX_GROWTH for name, g in grew.items() if not name.startswith(TRACE_STORE)
+        f"memory grew under {MAX_GROWTH:.0%} after the warm-up (the filling stores aside)": all(
+            g < MAX_GROWTH for name, g in grew.items() if not name.startswith(FILLING_STORES)
         ),
-        f"Jaeger's memory under {MAX_TRACE_STORE_SHARE:.0%} of its limit": bool(store)
-        and max(store) < MAX_TRACE_STORE_SHARE,
+        f"Jaeger's and Prometheus' memory under {MAX_STORE_SHARE:.0%} of their limits": all(
+            share is not None and share < MAX_STORE_SHARE for share in stores.values()
+        ),
+        f"Prometheus' head series grew under {MAX_GROWTH:.0%}": series_before is not None
+        and series_after is not None
+        and series_after < series_before * (1 + MAX_GROWTH),
     }
     # Judged over windows of WINDOW_SECONDS only: a shorter run's windows (a 3-minute run's are
     # 36 s) move with whatever else the machine does, and its p99s are reported, not judged.
@@ -292,7 +324,10 @@ def main() -> None:
         "memory_growth": {
             name: round(g, 4) for name, g in sorted(grew.items()) if not name.endswith(" limit")
         },
-        "trace_store_share_of_limit": round(max(store), 3) if store else None,
+        "store_share_of_limit": {
+            name: round(share, 3) if share is not None else None for name, share in stores.items()
+        },
+        "prometheus_head_series": [series_before, series_after],
         "p99_ms_early_late": [early_p99, late_p99],
         "p99_drift_judged": judged,
         "memory_samples": sampler.samples,

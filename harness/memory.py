@@ -9,8 +9,10 @@ import subprocess
 
 from harness.cluster import Cluster, engine_get
 
-# The trace store, whose container's memory limit is read as well.
-TRACE_STORE = "jaeger"
+# Stores that fill by design, whose containers' memory limits are read as well: Jaeger's traces
+# (up to jaeger/config.yaml's max_traces) and Prometheus' TSDB head block (the last 2-3 hours of
+# samples, cut into a block on disk every 2 hours).
+FILLING_STORES = ("jaeger", "prometheus")
 
 # Run in each replica: "<pid> <RSS kB> <command>" of its gunicorn processes.
 RSS_PROBE = (
@@ -56,7 +58,7 @@ def host_rss(root_pid: int) -> dict[str, float] | None:
 
 def memory_sample(cluster: Cluster) -> dict[str, float]:
     """MiB by process: every gunicorn process of every replica ("<replica>/<pid>"), the
-    Collector, Prometheus and Jaeger (and Jaeger's memory limit). Read from the host's /proc
+    Collector, Prometheus and Jaeger (and the limits of the last two). Read from the host's /proc
     where the engine runs here (nothing runs in the replicas: a sample must not load what it
     measures), else from inside them."""
     sample: dict[str, float] = {}
@@ -78,7 +80,7 @@ def memory_sample(cluster: Cluster) -> dict[str, float]:
         for line in probe.stdout.splitlines():
             pid, rss_kb = line.split()
             sample[f"api {container[:8]}/{pid}"] = int(rss_kb) / 1024
-    for service in ("otel-collector", "prometheus", TRACE_STORE):
+    for service in ("otel-collector", *FILLING_STORES):
         for container in cluster.compose("ps", "-q", service).split():
             stats = engine_get(
                 cluster.env, f"/containers/{container}/stats?stream=false&one-shot=true"
@@ -86,6 +88,6 @@ def memory_sample(cluster: Cluster) -> dict[str, float]:
             memory = stats.get("memory_stats", {})
             if memory.get("usage"):
                 sample[service] = memory["usage"] / 2**20
-            if service == TRACE_STORE and memory.get("limit"):
+            if service in FILLING_STORES and memory.get("limit"):
                 sample[f"{service} limit"] = memory["limit"] / 2**20
     return sample
