@@ -31,6 +31,7 @@ import math
 import os
 import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -155,7 +156,7 @@ def head_series(cluster: Cluster) -> float | None:
         with urllib.request.urlopen(f"http://{address}/api/v1/query?{query}", timeout=10) as answer:
             result = json.load(answer)["data"]["result"]
         return float(result[0]["value"][1]) if result else None
-    except (OSError, RuntimeError, ValueError, KeyError, IndexError):
+    except (OSError, subprocess.SubprocessError, RuntimeError, ValueError, KeyError, IndexError):
         return None
 
 
@@ -171,6 +172,8 @@ def growth(samples: list[dict[str, Any]], settle: float) -> dict[str, float]:
     median of their first quarter to the median of their last, each of three samples at least:
     a garbage collector's sawtooth is not a trend, and one sample taken before a step is not
     the level. A process gone by the end (a restarted worker) grew infinitely."""
+    if len(samples) >= 6:  # a short run keeps six samples at least, settled or not
+        settle = min(settle, samples[-6]["second"])
     samples = [s for s in samples if s["second"] >= settle]
     if len(samples) < 6:
         raise RuntimeError(f"{len(samples)} memory samples: too few to tell a trend")

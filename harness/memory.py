@@ -1,6 +1,6 @@
 """Memory of the running cluster's processes, read from the host where the engine runs here:
 every gunicorn process of every replica, the Collector, Prometheus and Jaeger (the soak samples
-it; the trace tests watch Jaeger's)."""
+it; the trace tests watch the workers')."""
 
 from __future__ import annotations
 

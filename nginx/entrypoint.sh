@@ -98,7 +98,7 @@ error 505 "HTTP version not supported"
 printf '{"detail":"request body too large: the limit is %s bytes"}\n' "$body" > /tmp/errors/413.json
 printf '{"detail":"rate limit exceeded: %s; retry shortly"}\n' "$rate_said" > /tmp/errors/429.json
 printf '{"detail":"no API replica could answer in time; retry shortly"}\n' > /tmp/errors/50x.json
-printf '{"detail":"no API replica can take this request now: every one is full (overloaded) or none is up; retry shortly"}\n' \
+printf '{"detail":"no API replica could take or answer this request now: every one is full (overloaded), failing or down; retry shortly"}\n' \
   > /tmp/errors/busy.json
 
 echo "entrypoint: $workers worker processes, resolver $resolver, upstream $upstream" \

@@ -119,6 +119,7 @@ EDGE_REASONS = {
     404: "not_found",
     405: "method_not_allowed",
     414: "uri_too_long",
+    416: "range_not_satisfiable",
     431: "header_too_large",
     501: "not_implemented",
     505: "http_version_not_supported",
@@ -159,6 +160,11 @@ EDGE_REASONS = {
             "POST to the page",
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
             405,
+        ),
+        (
+            "a range past the page's end",
+            b"GET / HTTP/1.1\r\nHost: x\r\nRange: bytes=999999-\r\nConnection: close\r\n\r\n",
+            416,
         ),
         (
             "an unknown Transfer-Encoding",

@@ -36,9 +36,13 @@ def test_a_three_minute_soak_holds(stack: Stack, tmp_path: Path) -> None:
     workers = [name for name in summary["memory_growth"] if name.startswith("api ")]
     assert len(workers) >= REPLICAS * 2  # the masters and workers of every replica
     assert {"otel-collector", "prometheus", "jaeger"} <= set(summary["memory_growth"])
-    assert all(0 < share < 1 for share in summary["store_share_of_limit"].values())
-    assert set(summary["store_share_of_limit"]) == {"jaeger", "prometheus"}
-    assert all(series > 0 for series in summary["prometheus_head_series"])
+    shares = summary["store_share_of_limit"]
+    assert set(shares) == {"jaeger", "prometheus"}
+    assert None not in shares.values(), "a store's memory limit was not read"
+    assert all(0 < share < 1 for share in shares.values()), shares
+    series = summary["prometheus_head_series"]
+    assert None not in series, "Prometheus' head series could not be read"
+    assert all(count > 0 for count in series), series
     assert (run / "soak.png").stat().st_size > 10_000
     assert len(summary["checks"]) == 4
     assert summary["p99_drift_judged"] is False

@@ -129,6 +129,9 @@ class Visit:
         assert response is not None
         body: dict[str, Any] = response.json()
         body["_served_by"] = response.headers.get("x-served-by", "")
+        # This answer's own words: an earlier stroke's answer may have shown the same digit.
+        said = f"Read as {body['digit']}, confidence {body['confidence'] * 100:.1f} %"
+        self.page.locator("#status").filter(has_text=said).wait_for()
         self.wait_shown(str(body["digit"]))
         return body
 
