@@ -117,11 +117,20 @@ workers = [int(p) for p in os.listdir("/proc") if p.isdigit()
 victim = workers[0]
 with open(f"/proc/{victim}/oom_score_adj", "w") as f:
     f.write("1000")
+def alive(pid):
+    # Killed, a worker stays a zombie until gunicorn's master reaps it: its memory is free, and
+    # allocating on would make the kernel kill another process (this one) for the next pages.
+    try:
+        return read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 held, chunk, started = [], 16 * 2**20, time.monotonic()
-while os.path.exists(f"/proc/{victim}") and len(held) * chunk < 2 * limit():
+while alive(victim) and len(held) * chunk < 2 * limit():
     held.append(bytearray(b"") * chunk)
+allocated, killed = len(held) * chunk, not alive(victim)
+del held
 print(json.dumps({"victim": victim, "workers": workers, "limit": limit(),
-                  "allocated": len(held) * chunk, "killed": not os.path.exists(f"/proc/{victim}"),
+                  "allocated": allocated, "killed": killed,
                   "seconds": round(time.monotonic() - started, 2)}))
 """
 
@@ -207,5 +216,8 @@ def test_an_nginx_restart_costs_a_bounded_outage_and_recovers(stack: Stack) -> N
     # sent as the old nginx went away), all of requests sent during the restart.
     assert all(isinstance(outcome, str) for outcome in failed), failed
     assert all(0 <= t < 15 for t in sent), sent
-    assert sum(failed.values()) <= 20 * load.clients, failed
+    # Bounded in time: the failures fall in one short spell as the old nginx goes (each
+    # client fails fast, a refused connection, and tries again, so their count is the spell's
+    # length times the clients' pace, not a figure of its own).
+    assert max(sent, default=0) - min(sent, default=0) < 3, sent
     assert predict(stack)[0] == 200
