@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from typing import Any
 
 from harness.cluster import Cluster, engine_get
 
@@ -56,6 +57,17 @@ def host_rss(root_pid: int) -> dict[str, float] | None:
     }
 
 
+def used_bytes(memory_stats: dict[str, Any]) -> int:
+    """A container's memory in use from the engine's `memory_stats`, as `docker stats` counts
+    it: the cgroup's usage less its inactive page cache (files read or written, such as
+    Prometheus' WAL, that the kernel reclaims before it would kill anything). Engines that
+    report no breakdown (podman) give the usage."""
+    detail = memory_stats.get("stats") or {}
+    inactive = detail.get("inactive_file", detail.get("total_inactive_file", 0))  # cgroup v2, v1
+    usage = int(memory_stats["usage"])
+    return usage - int(inactive) if 0 <= inactive < usage else usage
+
+
 def memory_sample(cluster: Cluster) -> dict[str, float]:
     """MiB by process: every gunicorn process of every replica ("<replica>/<pid>"), the
     Collector, Prometheus and Jaeger (and the limits of the last two). Read from the host's /proc
@@ -87,7 +99,7 @@ def memory_sample(cluster: Cluster) -> dict[str, float]:
             )
             memory = stats.get("memory_stats", {})
             if memory.get("usage"):
-                sample[service] = memory["usage"] / 2**20
+                sample[service] = used_bytes(memory) / 2**20
             if service in FILLING_STORES and memory.get("limit"):
                 sample[f"{service} limit"] = memory["limit"] / 2**20
     return sample
