@@ -9,7 +9,7 @@
 
 const DICT = 'edge_answers';
 
-// Why nginx answered itself, by the status it sends; busy.json (see count) is the one page a
+// Why nginx answered itself, by the status it sends; busy.json (see reason) is the one page a
 // status does not say enough about.
 const REASONS = {
     400: 'bad_request',
