@@ -51,11 +51,16 @@ def test_a_collector_outage_fails_no_request_and_loses_no_count(stack: Stack) ->
 
 def test_a_prometheus_restart_keeps_its_history_and_fires_nothing(stack: Stack) -> None:
     history = 'count_over_time(up{job="otel-collector"}[30m])'
-    before = stack.scalar(history)
-    assert before is not None
+    before = wait_for(lambda: stack.scalar(history), timeout=60, what="a first scrape")
     already = firing(stack)
-    stack.compose("restart", "prometheus")
-    wait_for(lambda: stack.scalar(history), timeout=120, what="Prometheus to answer again")
+    with Load(stack, clients=4) as load:  # serving does not depend on Prometheus
+        time.sleep(2)
+        stack.compose("restart", "prometheus")
+        wait_for(lambda: stack.scalar(history), timeout=120, what="Prometheus to answer again")
+        time.sleep(2)
+    print(f"\nPrometheus restart: {load.total} requests, failures {load.failures}")
+    assert load.total > 100, load.statuses
+    assert load.failures == {}, load.failures
     after = stack.scalar(history)
     assert after is not None
     assert after >= before, (before, after)  # the samples from before the restart are there
