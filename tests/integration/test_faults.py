@@ -50,20 +50,26 @@ def test_a_collector_outage_fails_no_request_and_loses_no_count(stack: Stack) ->
 
 
 def test_a_prometheus_restart_keeps_its_history_and_fires_nothing(stack: Stack) -> None:
-    history = 'count_over_time(up{job="otel-collector"}[30m])'
-    before = wait_for(lambda: stack.scalar(history), timeout=60, what="a first scrape")
+    def history(at: float) -> str:  # the scrapes of the Collector in the 30 min up to `at`
+        return f'count_over_time(up{{job="otel-collector"}}[30m] @ {at:.3f})'
+
+    wait_for(
+        lambda: (stack.scalar(history(time.time())) or 0) >= 4, timeout=90, what="four scrapes"
+    )
+    # A moment safely past: every scrape stamped before it has been stored.
+    then = time.time() - 5
+    before = stack.scalar(history(then))
     already = firing(stack)
     with Load(stack, clients=4) as load:  # serving does not depend on Prometheus
         time.sleep(2)
         stack.compose("restart", "prometheus")
-        wait_for(lambda: stack.scalar(history), timeout=120, what="Prometheus to answer again")
+        wait_for(lambda: stack.scalar(history(then)), timeout=120, what="Prometheus to answer")
         time.sleep(2)
     print(f"\nPrometheus restart: {load.total} requests, failures {load.failures}")
     assert load.total > 100, load.statuses
     assert load.failures == {}, load.failures
-    after = stack.scalar(history)
-    assert after is not None
-    assert after >= before, (before, after)  # the samples from before the restart are there
+    after = stack.scalar(history(then))
+    assert after == before, (before, after)  # every sample from before the restart is there
 
     def scraped_lately() -> bool:
         age = stack.scalar('time() - timestamp(up{job="otel-collector"})')
@@ -123,17 +129,34 @@ victim = workers[0]
 with open(f"/proc/{victim}/oom_score_adj", "w") as f:
     f.write("1000")
 def alive(pid):
-    # Killed, a worker stays a zombie until gunicorn's master reaps it: its memory is free, and
-    # allocating on would make the kernel kill another process (this one) for the next pages.
-    try:
+    try:  # a killed worker stays a zombie until gunicorn's master reaps it
         return read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-held, chunk, started = [], 16 * 2**20, time.monotonic()
-while alive(victim) and len(held) * chunk < 2 * limit():
-    held.append(bytearray(b"") * chunk)
-allocated, killed = len(held) * chunk, not alive(victim)
+def oom_kills():  # the cgroup's count of the kernel's kills (v2, then v1), if it has one
+    for path in ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"):
+        try:
+            for line in read(path).splitlines():
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+    return None
+# Allocate until the kernel kills, a MiB at a time, and free it all at once: the victim's
+# private pages are all its death frees (the rest is shared with gunicorn's master), and a
+# replacement worker boots at once, so allocating on would make the kernel kill this process next.
+kills, cap = oom_kills(), 2 * limit()
+def kill_seen():
+    return not alive(victim) or (kills is not None and oom_kills() != kills)
+held, chunk, started = [], 2**20, time.monotonic()
+while not kill_seen() and len(held) * chunk < cap:
+    held.append(bytearray(b"\x01") * chunk)
+allocated = len(held) * chunk
 del held
+deadline = time.monotonic() + 10
+while alive(victim) and time.monotonic() < deadline:
+    time.sleep(0.05)
+killed = not alive(victim)
 print(json.dumps({"victim": victim, "workers": workers, "limit": limit(),
                   "allocated": allocated, "killed": killed,
                   "seconds": round(time.monotonic() - started, 2)}))
