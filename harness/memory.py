@@ -63,9 +63,12 @@ def used_bytes(memory_stats: dict[str, Any]) -> int:
     Prometheus' WAL, that the kernel reclaims before it would kill anything). Engines that
     report no breakdown (podman) give the usage."""
     detail = memory_stats.get("stats") or {}
-    inactive = detail.get("inactive_file", detail.get("total_inactive_file", 0))  # cgroup v2, v1
     usage = int(memory_stats["usage"])
-    return usage - int(inactive) if 0 <= inactive < usage else usage
+    # cgroup v1 reports both keys, and its total_ one is the cgroup's own; v2 has inactive_file.
+    for key in ("total_inactive_file", "inactive_file"):
+        if key in detail and 0 <= int(detail[key]) < usage:
+            return usage - int(detail[key])
+    return usage
 
 
 def memory_sample(cluster: Cluster) -> dict[str, float]:
