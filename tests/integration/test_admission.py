@@ -74,9 +74,22 @@ def test_128_connections_are_all_answered(stack: Stack) -> None:
     warm = closed_loop(stack, 16, 2)  # every worker warm, and the cluster's pace on this machine
     # 128 connections, or fewer on a machine too slow to answer 128 in an eighth of the budget
     # (a shared machine's tail is several times its mean): the claim is that a queue well
-    # within the budget is served whole, not that every machine is fast.
+    # within the budget is served whole. It needs more connections than the replicas have
+    # places, or nothing waits and a count-based admission would pass as well.
     budget = float(stack.env.get("LATENCY_BUDGET_MS", "500")) / 1000
-    connections = max(16, min(128, int(warm.throughput * budget / 8)))
+    running = stack.container_env("api")
+    places = (
+        REPLICAS
+        * int(running.get("MAX_CONCURRENCY", "16"))
+        * int(running.get("WEB_CONCURRENCY", "1"))
+    )
+    connections = min(128, int(warm.throughput * budget / 8))
+    if connections <= places:
+        pytest.skip(
+            f"this machine is too slow to test it: {warm.throughput:.0f} req/s at 16 "
+            f"connections answers only {connections} in an eighth of the budget, and the "
+            f"replicas have {places} places"
+        )
     result = closed_loop(stack, connections, 8)
     print(
         f"\n{connections} connections (16 gave {warm.throughput:.0f} req/s): "
