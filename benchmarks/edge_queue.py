@@ -1,16 +1,17 @@
 """An experiment, not a scenario of `make bench`: the running cluster behind its own edge (nginx,
 admission by time in each worker) against the same replicas behind HAProxy's central queue
-(per-server `maxconn` = the workers' MAX_CONCURRENCY, a FIFO queue, 503 after `timeout queue`),
-at the same open-loop rates, in turns. docs/admission.md uses it to say what holding the
-2x-overload targets would take.
+(per-server `maxconn` = the replica's MAX_CONCURRENCY x workers, a FIFO queue, 503 after
+`timeout queue`), at the same open-loop rates, R and 2R, in turns (A B B A). docs/admission.md
+uses it for what the 2x-overload targets would take.
 
-    python -m benchmarks.edge_queue --rate R      # R: the open-loop saturation (make bench's)
+    python -m benchmarks.edge_queue --rate R
 
 It needs `haproxy` (2.x) on the PATH (Debian: apt-get install haproxy) and an engine whose
 container addresses the host can reach (Docker or podman on Linux): HAProxy runs on the host and
 sends to the replicas' addresses directly. To keep the load generator off the cluster's cores,
 start the cluster with benchmarks/compose.onecore.yaml over compose.yaml (every service on CPU 0)
-and this under `taskset -c 1`; HAProxy is then run on CPU 0 with one thread.
+and this under `taskset -c 1`: HAProxy runs on the replicas' CPUs (their cpuset), one thread.
+The runs compare the two edges at the same offered load; they judge no target.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 from harness import vegeta
 from harness.cluster import Cluster, engine_get, poll, running_cluster
 from harness.payloads import payloads
+from harness.wrk import Payload
 
 HAPROXY_PORT = 18090
 # JSON, as the cluster's own refusals, and the same Retry-After.
@@ -38,15 +40,21 @@ REFUSAL = (
 )
 
 
-def replica_addresses(cluster: Cluster) -> list[str]:
-    found = []
+def replicas(cluster: Cluster) -> tuple[list[str], str]:
+    """The replicas' addresses, and the CPUs they are held to ("" when not held)."""
+    addresses: list[str] = []
+    cpuset = ""
     for container in cluster.replicas():
-        networks = engine_get(cluster.env, f"/containers/{container}/json")["NetworkSettings"]
-        found += [n["IPAddress"] for n in networks["Networks"].values() if n.get("IPAddress")][:1]
-    return found
+        info = engine_get(cluster.env, f"/containers/{container}/json")
+        networks = info["NetworkSettings"]["Networks"].values()
+        addresses += [n["IPAddress"] for n in networks if n.get("IPAddress")][:1]
+        cpuset = info["HostConfig"].get("CpusetCpus") or cpuset
+    return addresses, cpuset
 
 
-def haproxy_config(addresses: list[str], *, maxconn: int, queue_ms: int, threads: int) -> str:
+def haproxy_config(
+    addresses: list[str], *, maxconn: int, queue_ms: int, threads: int, errors: Path
+) -> str:
     servers = "".join(
         f"    server api{i} {address}:8000 maxconn {maxconn}\n"
         for i, address in enumerate(addresses, 1)
@@ -68,7 +76,7 @@ frontend edge
     default_backend api
 backend api
     balance leastconn
-    errorfile 503 refusal.http
+    errorfile 503 {errors}
 {servers}"""
 
 
@@ -77,9 +85,24 @@ def listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+def measure(url: str, digit: Payload, *, edge: str, rate: float, seconds: float) -> dict[str, Any]:
+    run = vegeta.run(url, digit, rate=rate, seconds=seconds)
+    record = {
+        "edge": edge,
+        "offered": round(rate),
+        "answered": round(run.throughput),
+        "answered_p50_ms": run.answered_latency_ms.get("p50"),
+        "answered_p99_ms": run.answered_latency_ms.get("p99"),
+        "statuses": run.statuses,
+        "generator_cpu_seconds": round(run.generator_cpu_seconds, 1),
+    }
+    print(json.dumps(record), flush=True)
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", type=float, required=True, help="the open-loop saturation")
+    parser.add_argument("--rate", type=float, required=True, help="the lower rate (req/s)")
     parser.add_argument("--seconds", type=float, default=20.0, help="per run")
     parser.add_argument("--rounds", type=int, default=2, help="runs per edge and rate")
     parser.add_argument("--queue-ms", type=int, default=380, help="HAProxy's timeout queue")
@@ -88,12 +111,16 @@ def main() -> None:
     haproxy = shutil.which("haproxy")
     if haproxy is None:
         raise SystemExit("haproxy is not installed (Debian: apt-get install haproxy)")
+    if listening(HAPROXY_PORT):
+        raise SystemExit(f"port {HAPROXY_PORT} is taken: stop what listens there first")
 
     cluster, port = running_cluster(args.project)
     settings = cluster.container_env("api")
-    maxconn = int(settings.get("MAX_CONCURRENCY", "16"))
-    cpus = os.sched_getaffinity(0)
-    pinned = len(cpus) < (os.cpu_count() or 1)
+    # A replica serves MAX_CONCURRENCY requests at once in each of its workers.
+    maxconn = int(settings.get("MAX_CONCURRENCY", "16")) * int(settings.get("WEB_CONCURRENCY", "1"))
+    addresses, cpuset = replicas(cluster)
+    if not addresses:
+        raise SystemExit("no replica address in the engine's answers")
     edges = {
         "nginx": f"http://127.0.0.1:{port}/predict",
         "haproxy": f"http://127.0.0.1:{HAPROXY_PORT}/predict",
@@ -101,54 +128,57 @@ def main() -> None:
     digit = payloads()["png-28x28"]
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="edge-queue-") as tmp:
-        (Path(tmp) / "refusal.http").write_bytes(REFUSAL)
+        errors = Path(tmp) / "refusal.http"
+        errors.write_bytes(REFUSAL)
         config = Path(tmp) / "haproxy.cfg"
-        addresses = replica_addresses(cluster)
         config.write_text(
-            haproxy_config(addresses, maxconn=maxconn, queue_ms=args.queue_ms, threads=1)
+            haproxy_config(
+                addresses, maxconn=maxconn, queue_ms=args.queue_ms, threads=1, errors=errors
+            )
         )
-        # Pinned: HAProxy goes with the cluster, on the CPUs this process is kept off.
         command = [haproxy, "-db", "-f", str(config)]
-        if pinned:
-            others = sorted(set(range(os.cpu_count() or 1)) - cpus)
-            command = ["taskset", "-c", ",".join(map(str, others)), *command]
-        with subprocess.Popen(command, cwd=tmp, stdout=subprocess.DEVNULL) as server:
+        if cpuset:  # HAProxy goes with the cluster, on its CPUs
+            if shutil.which("taskset") is None:
+                raise SystemExit("the replicas are held to CPUs, and taskset is not installed")
+            command = ["taskset", "-c", cpuset, *command]
+        with subprocess.Popen(command, stdout=subprocess.DEVNULL) as server:
+
+            def up() -> bool:
+                if server.poll() is not None:
+                    raise SystemExit(f"haproxy exited ({server.returncode}): see its output")
+                return listening(HAPROXY_PORT)
+
             try:
-                poll(lambda: listening(HAPROXY_PORT), timeout=10, what="HAProxy listening")
-                for multiple in (1.0, 2.0):
+                poll(up, timeout=10, what="HAProxy listening")
+                probe = vegeta.run(edges["haproxy"], digit, rate=5, seconds=1)
+                if not probe.statuses.get("200"):
+                    raise SystemExit(f"no replica answers through HAProxy: {probe.statuses}")
+                for multiple in (1, 2):
                     for turn in range(args.rounds):
-                        order = list(edges) if turn % 2 == 0 else list(reversed(edges))
-                        for edge in order:
-                            run = vegeta.run(
-                                edges[edge], digit, rate=multiple * args.rate, seconds=args.seconds
+                        for edge in list(edges)[:: 1 if turn % 2 == 0 else -1]:  # A B B A
+                            record = measure(
+                                edges[edge],
+                                digit,
+                                edge=edge,
+                                rate=multiple * args.rate,
+                                seconds=args.seconds,
                             )
-                            answered = run.throughput
-                            record = {
-                                "edge": edge,
-                                "of_saturation": multiple,
-                                "offered": round(multiple * args.rate),
-                                "answered": round(answered),
-                                "goodput": round(answered / args.rate, 3),
-                                "answered_p50_ms": run.answered_latency_ms.get("p50"),
-                                "answered_p99_ms": run.answered_latency_ms.get("p99"),
-                                "statuses": run.statuses,
-                                "generator_cpu_seconds": round(run.generator_cpu_seconds, 1),
-                            }
-                            records.append(record)
-                            print(json.dumps(record), flush=True)
+                            records.append({**record, "multiple": multiple})
             finally:
                 server.terminate()
     print(
-        f"\n{len(addresses)} replicas, maxconn {maxconn}, timeout queue {args.queue_ms} ms, "
-        f"generator on CPUs {sorted(cpus)}{' (pinned)' if pinned else ''}; medians:"
+        f"\n{len(addresses)} replicas (CPUs {cpuset or 'any'}), maxconn {maxconn}, timeout "
+        f"queue {args.queue_ms} ms, generator on CPUs {sorted(os.sched_getaffinity(0))}; "
+        "medians of the runs:"
     )
-    for multiple in (1.0, 2.0):
+    for multiple in (1, 2):
         for edge in edges:
-            runs = [r for r in records if r["edge"] == edge and r["of_saturation"] == multiple]
+            runs = [r for r in records if r["edge"] == edge and r["multiple"] == multiple]
+            p99s = [r["answered_p99_ms"] for r in runs if r["answered_p99_ms"] is not None]
+            p99 = f"{statistics.median(p99s):.0f} ms" if p99s else "none answered"
             print(
-                f"  {multiple:.0f}x {edge:8s} goodput "
-                f"{statistics.median(r['goodput'] for r in runs):.2f}  answered p99 "
-                f"{statistics.median(r['answered_p99_ms'] or 0 for r in runs):.0f} ms"
+                f"  {multiple * args.rate:6.0f}/s {edge:8s} answered "
+                f"{statistics.median(r['answered'] for r in runs):6.0f}/s, p99 {p99}"
             )
 
 
