@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -28,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from harness import vegeta
-from harness.cluster import Cluster, engine_get, poll, running_cluster
+from harness.cluster import Cluster, engine_get, running_cluster
 from harness.payloads import payloads
+from harness.servers import free_port, wait_ready
 from harness.wrk import Payload
 
-HAPROXY_PORT = 18090
 # JSON, as the cluster's own refusals, and the same Retry-After.
 REFUSAL = (
     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -53,7 +52,7 @@ def replicas(cluster: Cluster) -> tuple[list[str], str]:
 
 
 def haproxy_config(
-    addresses: list[str], *, maxconn: int, queue_ms: int, threads: int, errors: Path
+    addresses: list[str], *, port: int, maxconn: int, queue_ms: int, threads: int, errors: Path
 ) -> str:
     servers = "".join(
         f"    server api{i} {address}:8000 maxconn {maxconn}\n"
@@ -71,18 +70,13 @@ defaults
     timeout queue {queue_ms}ms
     http-reuse always
 frontend edge
-    bind 127.0.0.1:{HAPROXY_PORT}
+    bind 127.0.0.1:{port}
     http-request set-header X-Request-Start t=%[date(0,ms)]
     default_backend api
 backend api
     balance leastconn
     errorfile 503 {errors}
 {servers}"""
-
-
-def listening(port: int) -> bool:
-    with socket.socket() as probe:
-        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def measure(url: str, digit: Payload, *, edge: str, rate: float, seconds: float) -> dict[str, Any]:
@@ -111,8 +105,6 @@ def main() -> None:
     haproxy = shutil.which("haproxy")
     if haproxy is None:
         raise SystemExit("haproxy is not installed (Debian: apt-get install haproxy)")
-    if listening(HAPROXY_PORT):
-        raise SystemExit(f"port {HAPROXY_PORT} is taken: stop what listens there first")
 
     cluster, port = running_cluster(args.project)
     settings = cluster.container_env("api")
@@ -121,9 +113,10 @@ def main() -> None:
     addresses, cpuset = replicas(cluster)
     if not addresses:
         raise SystemExit("no replica address in the engine's answers")
+    haproxy_port = free_port()
     edges = {
         "nginx": f"http://127.0.0.1:{port}/predict",
-        "haproxy": f"http://127.0.0.1:{HAPROXY_PORT}/predict",
+        "haproxy": f"http://127.0.0.1:{haproxy_port}/predict",
     }
     digit = payloads()["png-28x28"]
     records: list[dict[str, Any]] = []
@@ -133,7 +126,12 @@ def main() -> None:
         config = Path(tmp) / "haproxy.cfg"
         config.write_text(
             haproxy_config(
-                addresses, maxconn=maxconn, queue_ms=args.queue_ms, threads=1, errors=errors
+                addresses,
+                port=haproxy_port,
+                maxconn=maxconn,
+                queue_ms=args.queue_ms,
+                threads=1,
+                errors=errors,
             )
         )
         command = [haproxy, "-db", "-f", str(config)]
@@ -142,17 +140,9 @@ def main() -> None:
                 raise SystemExit("the replicas are held to CPUs, and taskset is not installed")
             command = ["taskset", "-c", cpuset, *command]
         with subprocess.Popen(command, stdout=subprocess.DEVNULL) as server:
-
-            def up() -> bool:
-                if server.poll() is not None:
-                    raise SystemExit(f"haproxy exited ({server.returncode}): see its output")
-                return listening(HAPROXY_PORT)
-
             try:
-                poll(up, timeout=10, what="HAProxy listening")
-                probe = vegeta.run(edges["haproxy"], digit, rate=5, seconds=1)
-                if not probe.statuses.get("200"):
-                    raise SystemExit(f"no replica answers through HAProxy: {probe.statuses}")
+                # Listening, and a replica reached through it (its /readyz).
+                wait_ready(f"http://127.0.0.1:{haproxy_port}/readyz", timeout=10, process=server)
                 for multiple in (1, 2):
                     for turn in range(args.rounds):
                         for edge in list(edges)[:: 1 if turn % 2 == 0 else -1]:  # A B B A
