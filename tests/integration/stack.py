@@ -9,20 +9,23 @@ import http.client
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import threading
 import time
 import urllib.parse
 import urllib.request
+import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
-from harness.cluster import Cluster, poll
+from harness.cluster import Cluster, engine_get, poll
 from harness.cluster import engine_env as cluster_env
 from tests.helpers import digit_image, multipart, png_bytes
 
@@ -32,6 +35,30 @@ PORT = int(os.environ.get("TEST_HTTP_PORT", "18080"))
 PROMETHEUS_PORT = int(os.environ.get("TEST_PROMETHEUS_PORT", "19090"))
 REPLICAS = 3
 T = TypeVar("T")
+
+
+def forget_connections_to(addresses: set[str]) -> None:
+    """Delete the kernel's connection tracking of connections to addresses that a restarted
+    container no longer has.
+
+    Where the engine publishes a port by DNAT (podman's netavark; Docker with its userland proxy
+    turned off), a restart gives the container a new address, yet a connection whose SYN found
+    the old one gone stays tracked with its translation to it (SYN_SENT: 120 s after its last
+    retransmission). A later connection that draws the same source port is sent to the old
+    address and fails, EHOSTUNREACH after 3 s. Docker's userland proxy, its default, takes the
+    host's own connections to 127.0.0.1 itself: there is nothing to delete there."""
+    if not addresses:
+        return
+    if os.geteuid() != 0 or shutil.which("conntrack") is None:
+        warnings.warn(
+            f"cannot delete the connection tracking of {sorted(addresses)} (needs root and "
+            "conntrack): under a DNAT-publishing engine a later connection may fail",
+            stacklevel=3,
+        )
+        return
+    for address in sorted(addresses):  # exit status 1: nothing was tracked
+        delete = ["conntrack", "-D", "--reply-src", address]
+        subprocess.run(delete, capture_output=True, check=False)
 
 
 def wait_for(
@@ -78,6 +105,31 @@ class Stack(Cluster):
     def scalar(self, query: str) -> float | None:
         result = self.prometheus(query)
         return float(result[0]["value"][1]) if result else None
+
+    def addresses(self, service: str) -> set[str]:
+        """The network addresses of `service`'s running containers."""
+        found = set()
+        for container in self.compose("ps", "-q", service).split():
+            networks = engine_get(self.env, f"/containers/{container}/json")["NetworkSettings"]
+            found |= {n["IPAddress"] for n in networks["Networks"].values() if n["IPAddress"]}
+        return found
+
+    def restart(self, service: str) -> None:
+        """`docker compose restart service`, then forget the connections to its old addresses."""
+        before = self.addresses(service)
+        self.compose("restart", service)
+        forget_connections_to(before - self.addresses(service))
+
+    @contextmanager
+    def stopped(self, service: str) -> Iterator[None]:
+        """`service` stopped for the block, then started again (as `restart`, for its addresses)."""
+        before = self.addresses(service)
+        self.compose("stop", service)
+        try:
+            yield
+        finally:
+            self.compose("start", service)
+            forget_connections_to(before - self.addresses(service))
 
     def ensure_replicas(self, count: int) -> None:
         try:

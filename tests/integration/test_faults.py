@@ -31,11 +31,8 @@ def test_a_collector_outage_fails_no_request_and_loses_no_count(stack: Stack) ->
     before = settled_total(stack)
     with Load(stack) as load:
         time.sleep(2)
-        stack.compose("stop", "otel-collector")
-        try:
+        with stack.stopped("otel-collector"):
             time.sleep(8)  # longer than an export interval: every worker's export fails
-        finally:
-            stack.compose("start", "otel-collector")
         time.sleep(3)
     assert load.failures == {}, load.failures
     wait_for(
@@ -62,7 +59,7 @@ def test_a_prometheus_restart_keeps_its_history_and_fires_nothing(stack: Stack) 
     already = firing(stack)
     with Load(stack, clients=4) as load:  # serving does not depend on Prometheus
         time.sleep(2)
-        stack.compose("restart", "prometheus")
+        stack.restart("prometheus")
         wait_for(lambda: stack.scalar(history(then)), timeout=120, what="Prometheus to answer")
         time.sleep(2)
     print(f"\nPrometheus restart: {load.total} requests, failures {load.failures}")
@@ -218,7 +215,7 @@ def test_an_nginx_restart_costs_a_bounded_outage_and_recovers(stack: Stack) -> N
     with Load(stack) as load:
         time.sleep(2)
         restarted = time.monotonic()
-        stack.compose("restart", "nginx")
+        stack.restart("nginx")
         wait_for(
             lambda: stack.request("GET", "/healthz")[0] == 200,
             timeout=60,

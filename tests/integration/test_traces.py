@@ -233,12 +233,8 @@ def test_without_jaeger_or_the_collector_requests_are_unaffected(stack: Stack) -
     stack.ensure_replicas(REPLICAS)
     before = worker_memory(stack)
     for service in ("jaeger", "otel-collector"):
-        stack.compose("stop", service)
-        try:
-            with Load(stack, clients=4, traceparent="01") as load:
-                time.sleep(20)
-        finally:
-            stack.compose("start", service)
+        with stack.stopped(service), Load(stack, clients=4, traceparent="01") as load:
+            time.sleep(20)
         print(f"\n{service} down: {load.total} requests, failures {load.failures}")
         assert load.total > 200, load.statuses
         assert load.failures == {}, load.failures
