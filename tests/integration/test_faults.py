@@ -6,6 +6,7 @@ scaled away, are in test_nginx_cluster.py.)"""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 from tests.integration.stack import (
@@ -106,31 +107,16 @@ def test_a_frozen_replica_costs_no_request_and_at_most_the_read_timeout(stack: S
     )
 
 
-# Run in a replica as its own user: makes one gunicorn worker the memory-limit OOM killer's
-# first choice (raising a process's oom_score_adj needs no privilege), then allocates past the
-# container's limit, page by page, until the kernel has killed that worker; prints what it did.
-OOM_PROBE = r"""
-import json, os, sys, time
+# Run in a replica as its own user. OOM_KILLS prints its cgroup's count of the kernel's kills (v2,
+# then v1; None if it has none). OOM_SETUP makes one gunicorn worker the memory-limit OOM killer's
+# first choice (raising a process's oom_score_adj needs no privilege) and prints it, the replica's
+# workers, its memory limit and that count.
+OOM_KILLS = r"""
+import json, os, sys
 def read(path):
     with open(path) as f:
         return f.read()
-def limit():
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        if os.path.exists(path) and read(path).strip().isdigit():
-            return int(read(path))
-    sys.exit("no memory limit in this container's cgroup")
-workers = [int(p) for p in os.listdir("/proc") if p.isdigit()
-           and read(f"/proc/{p}/stat").rsplit(")", 1)[1].split()[1] == "1"
-           and "gunicorn" in read(f"/proc/{p}/cmdline")]
-victim = workers[0]
-with open(f"/proc/{victim}/oom_score_adj", "w") as f:
-    f.write("1000")
-def alive(pid):
-    try:  # a killed worker stays a zombie until gunicorn's master reaps it
-        return read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-def oom_kills():  # the cgroup's count of the kernel's kills (v2, then v1), if it has one
+def oom_kills():
     for path in ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"):
         try:
             for line in read(path).splitlines():
@@ -139,23 +125,47 @@ def oom_kills():  # the cgroup's count of the kernel's kills (v2, then v1), if i
         except OSError:
             pass
     return None
-# Allocate until the kernel kills, a MiB at a time, and free it all at once: the victim's
-# private pages are all its death frees (the rest is shared with gunicorn's master), and a
-# replacement worker boots at once, so allocating on would make the kernel kill this process next.
-kills, cap = oom_kills(), 2 * limit()
-def kill_seen():
-    return not alive(victim) or (kills is not None and oom_kills() != kills)
+if __name__ == "__main__":
+    print(json.dumps(oom_kills()))
+"""
+OOM_SETUP = (
+    OOM_KILLS.split("if __name__")[0]
+    + r"""
+def limit():
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        if os.path.exists(path) and read(path).strip().isdigit():
+            return int(read(path))
+    sys.exit("no memory limit in this container's cgroup")
+workers = [int(p) for p in os.listdir("/proc") if p.isdigit()
+           and read(f"/proc/{p}/stat").rsplit(")", 1)[1].split()[1] == "1"
+           and "gunicorn" in read(f"/proc/{p}/cmdline")]
+with open(f"/proc/{workers[0]}/oom_score_adj", "w") as f:
+    f.write("1000")
+print(json.dumps({"victim": workers[0], "workers": workers, "limit": limit(),
+                  "kills": oom_kills()}))
+"""
+)
+
+# The second (argv: the victim, the limit) allocates past the limit a MiB at a time until the
+# victim is gone, then frees it all and prints what it allocated. The victim's death is watched
+# through a pidfd, polled without reading a file (at the limit, the kernel's own allocations for
+# a read are what invoke the OOM killer: gfp_mask GFP_KERNEL in its report). The victim frees
+# only its private pages and a replacement boots at once, so the kernel may kill the probe too
+# before it has freed: the test accepts that (the probe is the test's, not the replica's).
+OOM_PROBE = r"""
+import json, os, select, sys, time
+victim, limit = int(sys.argv[1]), int(sys.argv[2])
+watch = select.poll()
+watch.register(os.pidfd_open(victim), select.POLLIN)
+def dead():  # a killed worker is readable as soon as it has exited (a zombie)
+    return bool(watch.poll(0))
 held, chunk, started = [], 2**20, time.monotonic()
-while not kill_seen() and len(held) * chunk < cap:
+while not dead() and len(held) * chunk < 2 * limit:
     held.append(bytearray(b"\x01") * chunk)
 allocated = len(held) * chunk
 del held
-deadline = time.monotonic() + 10
-while alive(victim) and time.monotonic() < deadline:
-    time.sleep(0.05)
-killed = not alive(victim)
-print(json.dumps({"victim": victim, "workers": workers, "limit": limit(),
-                  "allocated": allocated, "killed": killed,
+killed = bool(watch.poll(10_000))
+print(json.dumps({"allocated": allocated, "killed": killed,
                   "seconds": round(time.monotonic() - started, 2)}))
 """
 
@@ -178,26 +188,48 @@ def test_a_worker_killed_by_the_memory_limit_costs_no_request_and_is_replaced(
     stack: Stack,
 ) -> None:
     stack.ensure_replicas(REPLICAS)
-    victim = stack.replicas()[0]
-    before = gunicorn_workers(stack, victim)
+    replica = stack.replicas()[0]
+    before = gunicorn_workers(stack, replica)
     with Load(stack, clients=6) as load:
         time.sleep(2)
-        outcome = json.loads(stack.docker("exec", victim, "python3", "-c", OOM_PROBE))
+        setup = json.loads(stack.docker("exec", replica, "python3", "-c", OOM_SETUP))
+        victim, limit = setup["victim"], setup["limit"]
+        probe = subprocess.run(
+            ["docker", "exec", replica, "python3", "-c", OOM_PROBE, str(victim), str(limit)],
+            env=stack.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         wait_for(
-            lambda: len(gunicorn_workers(stack, victim)) == len(before),
+            lambda: len(gunicorn_workers(stack, replica)) == len(before),
             timeout=120,
             what="gunicorn to replace the killed worker",
         )
         time.sleep(3)
-    print(f"\nOOM kill: {outcome}; {load.total} requests, failures {load.failures}")
-    assert outcome["killed"], outcome
-    assert outcome["allocated"] < 2 * outcome["limit"]  # the limit, not the loop's end, stopped it
-    after = gunicorn_workers(stack, victim)
-    assert outcome["victim"] not in after
-    assert len(after) == len(before) == len(outcome["workers"])
+    # 137 (SIGKILL) when the kernel killed the probe as well, as it held the memory.
+    if probe.returncode == 137:
+        outcome = {"probe": "killed by the kernel too"}
+    else:
+        assert probe.returncode == 0, probe.stderr
+        outcome = json.loads(probe.stdout)
+    kills = json.loads(stack.docker("exec", replica, "python3", "-c", OOM_KILLS))
+    print(
+        f"\nOOM kill: {setup}, {outcome}, kills after {kills}; {load.total} requests, "
+        f"failures {load.failures}"
+    )
+    assert outcome.get("killed", True), outcome
+    assert outcome.get("allocated", 0) < 2 * limit  # the limit, not the loop's end, stopped it
+    if setup["kills"] is not None:
+        assert kills is not None, setup
+        assert kills > setup["kills"], (setup, kills)
+    after = gunicorn_workers(stack, replica)
+    assert victim not in after
+    assert len(after) == len(before) == len(setup["workers"])
     # The kernel's kill, as gunicorn's master saw it.
     logs = stack.compose("logs", "--no-log-prefix", "--since", "5m", "api")
-    assert f"Worker (pid:{outcome['victim']}) was sent SIGKILL! Perhaps out of memory?" in logs
+    assert f"Worker (pid:{victim}) was sent SIGKILL! Perhaps out of memory?" in logs
     assert load.total > 200, load.statuses
     # What the killed worker held is retried on another by nginx (proxy_next_upstream).
     assert load.failures == {}, f"{load.failures} of {load.total} requests failed"
