@@ -19,7 +19,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,28 +37,41 @@ REPLICAS = 3
 T = TypeVar("T")
 
 
-def forget_connections_to(addresses: set[str]) -> None:
-    """Delete the kernel's connection tracking of connections to addresses that a restarted
-    container no longer has.
+def forget_connections_to(addresses: set[str], env: dict[str, str], stacklevel: int = 2) -> None:
+    """Delete the kernel's connection tracking of connections to addresses that a restarted or
+    recreated container no longer has, where the engine is rootful podman.
 
-    Where the engine publishes a port by DNAT (podman's netavark; Docker with its userland proxy
-    turned off), a restart gives the container a new address, yet a connection whose SYN found
-    the old one gone stays tracked with its translation to it (SYN_SENT: 120 s after its last
-    retransmission). A later connection that draws the same source port is sent to the old
-    address and fails, EHOSTUNREACH after 3 s. Docker's userland proxy, its default, takes the
-    host's own connections to 127.0.0.1 itself: there is nothing to delete there."""
-    if not addresses:
+    podman (netavark) publishes a port by DNAT, the host's own connections to 127.0.0.1 too, and
+    a restart gives the container a new address. A connection whose SYN found the old container
+    gone stays tracked with its translation to the old address (SYN_SENT: 120 s after its last
+    retransmission), and a later connection that draws the same source port is sent there and
+    fails, EHOSTUNREACH after 3 s. Docker's userland proxy, its default, takes the host's own
+    connections itself, and rootless podman forwards ports with a proxy too: nothing to delete."""
+    if not addresses or os.geteuid() != 0 or not engine_is_podman(env):
         return
-    if os.geteuid() != 0 or shutil.which("conntrack") is None:
+    if shutil.which("conntrack") is None:
         warnings.warn(
-            f"cannot delete the connection tracking of {sorted(addresses)} (needs root and "
-            "conntrack): under a DNAT-publishing engine a later connection may fail",
-            stacklevel=3,
+            f"cannot delete the connection tracking of {sorted(addresses)}: conntrack is not "
+            "installed (apt-get install conntrack); a later connection may fail (EHOSTUNREACH)",
+            stacklevel=stacklevel,
         )
         return
-    for address in sorted(addresses):  # exit status 1: nothing was tracked
-        delete = ["conntrack", "-D", "--reply-src", address]
-        subprocess.run(delete, capture_output=True, check=False)
+    for address in sorted(addresses):
+        deleted = subprocess.run(
+            ["conntrack", "-D", "--reply-src", address], capture_output=True, text=True
+        )
+        # Exit status 1 with "0 flow entries have been deleted": nothing was tracked.
+        if deleted.returncode != 0 and " 0 flow entries" not in deleted.stderr:
+            warnings.warn(
+                f"conntrack -D --reply-src {address} failed ({deleted.returncode}): "
+                f"{deleted.stderr.strip()}",
+                stacklevel=stacklevel,
+            )
+
+
+def engine_is_podman(env: dict[str, str]) -> bool:
+    components = engine_get(env, "/version").get("Components") or []
+    return any("podman" in str(component.get("Name", "")).lower() for component in components)
 
 
 def wait_for(
@@ -107,29 +120,45 @@ class Stack(Cluster):
         return float(result[0]["value"][1]) if result else None
 
     def addresses(self, service: str) -> set[str]:
-        """The network addresses of `service`'s running containers."""
+        """The IPv4 addresses of `service`'s running containers."""
         found = set()
         for container in self.compose("ps", "-q", service).split():
-            networks = engine_get(self.env, f"/containers/{container}/json")["NetworkSettings"]
-            found |= {n["IPAddress"] for n in networks["Networks"].values() if n["IPAddress"]}
+            settings = engine_get(self.env, f"/containers/{container}/json")["NetworkSettings"]
+            networks = (settings.get("Networks") or {}).values()
+            found |= {n["IPAddress"] for n in networks if n.get("IPAddress")}
         return found
 
-    def restart(self, service: str) -> None:
-        """`docker compose restart service`, then forget the connections to its old addresses."""
-        before = self.addresses(service)
-        self.compose("restart", service)
-        forget_connections_to(before - self.addresses(service))
-
     @contextmanager
-    def stopped(self, service: str) -> Iterator[None]:
-        """`service` stopped for the block, then started again (as `restart`, for its addresses)."""
+    def readdressed(self, service: str) -> Iterator[None]:
+        """Around a block that restarts or recreates `service`: afterwards, the connections to
+        the addresses it no longer has are forgotten (`forget_connections_to`)."""
         before = self.addresses(service)
-        self.compose("stop", service)
         try:
             yield
         finally:
-            self.compose("start", service)
-            forget_connections_to(before - self.addresses(service))
+            forget_connections_to(before - self.addresses(service), self.env, stacklevel=4)
+
+    def restart(self, service: str) -> None:
+        """`docker compose restart service`, in `readdressed`."""
+        with self.readdressed(service):
+            self.compose("restart", service)
+
+    def recreate(self, service: str, **settings: str) -> None:
+        """`docker compose up --force-recreate` of `service` alone, with `settings` over the
+        project's environment, in `readdressed`."""
+        with self.readdressed(service):
+            changed = replace(self, env={**self.env, **settings})
+            changed.compose("up", "-d", "--no-deps", "--force-recreate", service)
+
+    @contextmanager
+    def stopped(self, service: str) -> Iterator[None]:
+        """`service` stopped for the block, then started again, in `readdressed`."""
+        with self.readdressed(service):
+            self.compose("stop", service)
+            try:
+                yield
+            finally:
+                self.compose("start", service)
 
     def ensure_replicas(self, count: int) -> None:
         try:

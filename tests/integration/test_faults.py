@@ -146,7 +146,7 @@ print(json.dumps({"victim": workers[0], "workers": workers, "limit": limit(),
 """
 )
 
-# The second (argv: the victim, the limit) allocates past the limit a MiB at a time until the
+# OOM_PROBE (argv: the victim, the limit) allocates past the limit a MiB at a time until the
 # victim is gone, then frees it all and prints what it allocated. The victim's death is watched
 # through a pidfd, polled without reading a file (at the limit, the kernel's own allocations for
 # a read are what invoke the OOM killer: gfp_mask GFP_KERNEL in its report). The victim frees
@@ -208,25 +208,21 @@ def test_a_worker_killed_by_the_memory_limit_costs_no_request_and_is_replaced(
             what="gunicorn to replace the killed worker",
         )
         time.sleep(3)
-    # 137 (SIGKILL) when the kernel killed the probe as well, as it held the memory.
-    if probe.returncode == 137:
-        outcome = {"probe": "killed by the kernel too"}
-    else:
-        assert probe.returncode == 0, probe.stderr
-        outcome = json.loads(probe.stdout)
     kills = json.loads(stack.docker("exec", replica, "python3", "-c", OOM_KILLS))
-    print(
-        f"\nOOM kill: {setup}, {outcome}, kills after {kills}; {load.total} requests, "
-        f"failures {load.failures}"
-    )
-    assert outcome.get("killed", True), outcome
-    assert outcome.get("allocated", 0) < 2 * limit  # the limit, not the loop's end, stopped it
+    found = (setup, probe.returncode, probe.stdout, kills)
+    # 137 (SIGKILL): the kernel killed the probe as well, as it held the memory (one kill more).
+    assert probe.returncode in (0, 137), (found, probe.stderr)
+    print(f"\nOOM kill: {found}; {load.total} requests, failures {load.failures}")
+    if probe.returncode == 0:
+        outcome = json.loads(probe.stdout)
+        assert outcome["killed"], found
+        assert outcome["allocated"] < 2 * limit, found  # the limit, not the loop's end, stopped it
     if setup["kills"] is not None:
-        assert kills is not None, setup
-        assert kills > setup["kills"], (setup, kills)
+        assert kills is not None, found
+        assert kills >= setup["kills"] + (1 if probe.returncode == 0 else 2), found
     after = gunicorn_workers(stack, replica)
-    assert victim not in after
-    assert len(after) == len(before) == len(setup["workers"])
+    assert victim not in after, (found, after)
+    assert len(after) == len(before) == len(setup["workers"]), (found, before, after)
     # The kernel's kill, as gunicorn's master saw it.
     logs = stack.compose("logs", "--no-log-prefix", "--since", "5m", "api")
     assert f"Worker (pid:{victim}) was sent SIGKILL! Perhaps out of memory?" in logs

@@ -281,9 +281,8 @@ def test_a_killed_replica_costs_no_request_and_comes_back(stack: Stack) -> None:
 
 
 def test_rate_limited_clients_get_429_json(stack: Stack) -> None:
-    limited = {**stack.env, "RATE_LIMIT_RPS": "5", "RATE_LIMIT_BURST": "5"}
     try:
-        Stack(limited).compose("up", "-d", "--no-deps", "--force-recreate", "nginx")
+        stack.recreate("nginx", RATE_LIMIT_RPS="5", RATE_LIMIT_BURST="5")
         wait_for(
             lambda: stack.request("GET", "/healthz")[0] == 200, timeout=60, what="nginx to restart"
         )
@@ -306,21 +305,15 @@ def test_rate_limited_clients_get_429_json(stack: Stack) -> None:
         assert edge_answers(stack) == {("rate_limit", "429"): statuses[429]}
         wait_for_edge_answers_in_prometheus(stack, "rate_limit", statuses[429])
     finally:
-        stack.compose("up", "-d", "--no-deps", "--force-recreate", "nginx")
+        stack.recreate("nginx")
 
 
 def test_behind_a_trusted_proxy_each_client_has_its_own_rate_limit(stack: Stack) -> None:
     """With REAL_IP_FROM naming the proxy in front, X-Forwarded-For names the client: two
     clients behind it each get the limit's burst, and the log names them. (Here every peer is
     trusted: the test is the proxy.)"""
-    proxied = {
-        **stack.env,
-        "RATE_LIMIT_RPS": "2",
-        "RATE_LIMIT_BURST": "4",
-        "REAL_IP_FROM": "0.0.0.0/0",
-    }
     try:
-        Stack(proxied).compose("up", "-d", "--no-deps", "--force-recreate", "nginx")
+        stack.recreate("nginx", RATE_LIMIT_RPS="2", RATE_LIMIT_BURST="4", REAL_IP_FROM="0.0.0.0/0")
         wait_for(
             lambda: stack.request("GET", "/healthz")[0] == 200, timeout=60, what="nginx to restart"
         )
@@ -339,15 +332,14 @@ def test_behind_a_trusted_proxy_each_client_has_its_own_rate_limit(stack: Stack)
         lines = stack.compose("logs", "--no-log-prefix", "--since", "2m", "nginx").splitlines()
         assert any('"client":"203.0.113.2"' in line for line in lines)
     finally:
-        stack.compose("up", "-d", "--no-deps", "--force-recreate", "nginx")
+        stack.recreate("nginx")
 
 
 def test_full_replicas_refuse_at_once_with_503_json(stack: Stack) -> None:
     # The edge's safety bound at one request in progress per replica: 24 clients find every
     # replica at it most of the time.
-    capped = {**stack.env, "API_MAX_CONNS": "1"}
     try:
-        Stack(capped).compose("up", "-d", "--no-deps", "--force-recreate", "nginx")
+        stack.recreate("nginx", API_MAX_CONNS="1")
         wait_for(
             lambda: stack.request("GET", "/healthz")[0] == 200, timeout=60, what="nginx to restart"
         )
@@ -374,4 +366,4 @@ def test_full_replicas_refuse_at_once_with_503_json(stack: Stack) -> None:
         assert edge_answers(stack) == {("no_replica", "503"): load.statuses[503] + 1}
         wait_for_edge_answers_in_prometheus(stack, "no_replica", load.statuses[503] + 1)
     finally:
-        stack.compose("up", "-d", "--no-deps", "--force-recreate", "nginx")
+        stack.recreate("nginx")
