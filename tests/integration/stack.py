@@ -129,31 +129,32 @@ class Stack(Cluster):
         return found
 
     @contextmanager
-    def readdressed(self, service: str) -> Iterator[None]:
+    def readdressed(self, service: str, stacklevel: int = 4) -> Iterator[None]:
         """Around a block that restarts or recreates `service`: afterwards, the connections to
-        the addresses it no longer has are forgotten (`forget_connections_to`)."""
+        the addresses it no longer has are forgotten (`forget_connections_to`; a warning names
+        the frame `stacklevel` up, by default the `with` statement's)."""
         before = self.addresses(service)
         try:
             yield
         finally:
-            forget_connections_to(before - self.addresses(service), self.env, stacklevel=4)
+            forget_connections_to(before - self.addresses(service), self.env, stacklevel)
 
     def restart(self, service: str) -> None:
         """`docker compose restart service`, in `readdressed`."""
-        with self.readdressed(service):
+        with self.readdressed(service, stacklevel=5):  # the caller's line
             self.compose("restart", service)
 
     def recreate(self, service: str, **settings: str) -> None:
         """`docker compose up --force-recreate` of `service` alone, with `settings` over the
         project's environment, in `readdressed`."""
-        with self.readdressed(service):
+        with self.readdressed(service, stacklevel=5):
             changed = replace(self, env={**self.env, **settings})
             changed.compose("up", "-d", "--no-deps", "--force-recreate", service)
 
     @contextmanager
     def stopped(self, service: str) -> Iterator[None]:
         """`service` stopped for the block, then started again, in `readdressed`."""
-        with self.readdressed(service):
+        with self.readdressed(service, stacklevel=6):
             self.compose("stop", service)
             try:
                 yield

@@ -9,6 +9,9 @@ import json
 import subprocess
 import time
 
+import pytest
+
+from harness.cluster import poll
 from tests.integration.stack import (
     REPLICAS,
     Load,
@@ -230,13 +233,24 @@ def test_a_worker_killed_by_the_memory_limit_costs_no_request_and_is_replaced(
     # What the killed worker held is retried on another by nginx (proxy_next_upstream).
     assert load.failures == {}, f"{load.failures} of {load.total} requests failed"
     assert stack.healthy_replicas() == REPLICAS
-    # The stack as found for the tests after this one: the killed worker's series expire
-    # from the Collector (metric_expiration, 30 s), leaving one per running worker.
-    wait_for(
-        lambda: stack.scalar('count(mnist_queue_depth{job="mnist-api"})') == REPLICAS * len(before),
-        timeout=120,
-        what="the killed worker's series to expire",
-    )
+    # The stack as found for the tests after this one: the replica's series are its running
+    # workers', the replacement's exported and the killed one's expired from the Collector
+    # (metric_expiration, 30 s). A count would pass early, the replacement not yet exporting.
+    host = stack.docker(
+        "exec", replica, "python3", "-c", "import socket; print(socket.gethostname())"
+    ).strip()
+    running = {f"{host}-{pid}" for pid in after}
+    seen: list[set[str]] = [set()]
+
+    def only_the_running_workers_report() -> bool:
+        found = stack.prometheus(f'mnist_queue_depth{{job="mnist-api", host_name="{host}"}}')
+        seen.append({r["metric"]["instance"] for r in found})
+        return seen[-1] == running
+
+    try:
+        poll(only_the_running_workers_report, timeout=120, what=f"{host}'s series to be {running}")
+    except TimeoutError as exc:
+        pytest.fail(f"{exc}; last seen: {sorted(seen[-1])}")
 
 
 def test_an_nginx_restart_costs_a_bounded_outage_and_recovers(stack: Stack) -> None:
