@@ -41,14 +41,11 @@ REFUSAL = (
 
 def replicas(cluster: Cluster) -> tuple[list[str], str]:
     """The replicas' addresses, and the CPUs they are held to ("" when not held)."""
-    addresses: list[str] = []
     cpuset = ""
     for container in cluster.replicas():
         info = engine_get(cluster.env, f"/containers/{container}/json")
-        networks = info["NetworkSettings"]["Networks"].values()
-        addresses += [n["IPAddress"] for n in networks if n.get("IPAddress")][:1]
         cpuset = info["HostConfig"].get("CpusetCpus") or cpuset
-    return addresses, cpuset
+    return sorted(cluster.addresses("api")), cpuset
 
 
 def haproxy_config(
@@ -107,9 +104,7 @@ def main() -> None:
         raise SystemExit("haproxy is not installed (Debian: apt-get install haproxy)")
 
     cluster, port = running_cluster(args.project)
-    settings = cluster.container_env("api")
-    # A replica serves MAX_CONCURRENCY requests at once in each of its workers.
-    maxconn = int(settings.get("MAX_CONCURRENCY", "16")) * int(settings.get("WEB_CONCURRENCY", "1"))
+    maxconn = cluster.places_per_replica()
     addresses, cpuset = replicas(cluster)
     if not addresses:
         raise SystemExit("no replica address in the engine's answers")

@@ -150,6 +150,20 @@ class Cluster:
         """host:port on which `service`'s container port is published."""
         return self.compose("port", service, str(port)).strip().splitlines()[0]
 
+    def addresses(self, service: str) -> set[str]:
+        """The IPv4 addresses of `service`'s running containers."""
+        found = set()
+        for container in self.compose("ps", "-q", service).split():
+            settings = engine_get(self.env, f"/containers/{container}/json")["NetworkSettings"]
+            networks = (settings.get("Networks") or {}).values()
+            found |= {n["IPAddress"] for n in networks if n.get("IPAddress")}
+        return found
+
+    def places_per_replica(self) -> int:
+        """Requests a running replica serves at once: MAX_CONCURRENCY in each of its workers."""
+        running = self.container_env("api")
+        return int(running.get("MAX_CONCURRENCY", "16")) * int(running.get("WEB_CONCURRENCY", "1"))
+
     def container_env(self, service: str) -> dict[str, str]:
         """The environment of a running container of `service`."""
         container = self.compose("ps", "-q", service).split()[0]

@@ -119,15 +119,6 @@ class Stack(Cluster):
         result = self.prometheus(query)
         return float(result[0]["value"][1]) if result else None
 
-    def addresses(self, service: str) -> set[str]:
-        """The IPv4 addresses of `service`'s running containers."""
-        found = set()
-        for container in self.compose("ps", "-q", service).split():
-            settings = engine_get(self.env, f"/containers/{container}/json")["NetworkSettings"]
-            networks = (settings.get("Networks") or {}).values()
-            found |= {n["IPAddress"] for n in networks if n.get("IPAddress")}
-        return found
-
     @contextmanager
     def readdressed(self, service: str, stacklevel: int = 4) -> Iterator[None]:
         """Around a block that restarts or recreates `service`: afterwards, the connections to

@@ -77,12 +77,7 @@ def test_128_connections_are_all_answered(stack: Stack) -> None:
     # within the budget is served whole. It needs more connections than the replicas have
     # places, or nothing waits and a count-based admission would pass as well.
     budget = float(stack.env.get("LATENCY_BUDGET_MS", "500")) / 1000
-    running = stack.container_env("api")
-    places = (
-        REPLICAS
-        * int(running.get("MAX_CONCURRENCY", "16"))
-        * int(running.get("WEB_CONCURRENCY", "1"))
-    )
+    places = REPLICAS * stack.places_per_replica()
     connections = min(128, int(warm.throughput * budget / 8))
     if connections <= places:
         pytest.skip(
