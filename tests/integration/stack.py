@@ -36,6 +36,15 @@ PROMETHEUS_PORT = int(os.environ.get("TEST_PROMETHEUS_PORT", "19090"))
 REPLICAS = 3
 T = TypeVar("T")
 
+# Run in a replica: the pid of each gunicorn worker, one a line (a process whose parent is the
+# container's first process, gunicorn's master, and whose command line is gunicorn's).
+GUNICORN_WORKERS = (
+    "import os\n"
+    "for p in os.listdir('/proc'):\n"
+    "    if p.isdigit() and open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[1] == '1'"
+    " and 'gunicorn' in open(f'/proc/{p}/cmdline').read(): print(p)"
+)
+
 
 def forget_connections_to(addresses: set[str], env: dict[str, str], stacklevel: int = 2) -> None:
     """Delete the kernel's connection tracking of connections to addresses that a restarted or
@@ -151,6 +160,34 @@ class Stack(Cluster):
                 yield
             finally:
                 self.compose("start", service)
+
+    def gunicorn_workers(self, container: str) -> list[int]:
+        """The pids of the gunicorn workers in a replica (the master's children)."""
+        listing = self.docker("exec", container, "python3", "-c", GUNICORN_WORKERS)
+        return sorted(int(pid) for pid in listing.split())
+
+    def wait_for_worker_series(self, timeout: float = 120) -> None:
+        """Wait until the workers' series in Prometheus are exactly the running workers' (their
+        `instance`, `<hostname>-<pid>`): a new worker's exported, a gone one's expired. (A count
+        of them can pass while a replacement is not yet exporting and its predecessor is.)"""
+        running = set()
+        for container in self.replicas():
+            host = engine_get(self.env, f"/containers/{container}/json")["Config"]["Hostname"]
+            running |= {f"{host}-{pid}" for pid in self.gunicorn_workers(container)}
+
+        def only_theirs() -> bool:
+            found = self.prometheus('mnist_queue_depth{job="mnist-api"}')
+            reporting = {r["metric"]["instance"] for r in found}
+            # poll keeps the last failure for its message: what differs.
+            assert reporting == running, sorted(reporting ^ running)
+            return True
+
+        wait_for(
+            only_theirs,
+            timeout=timeout,
+            interval=2,
+            what=f"series from exactly the {len(running)} running workers",
+        )
 
     def ensure_replicas(self, count: int) -> None:
         try:

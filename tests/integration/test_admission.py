@@ -49,15 +49,8 @@ _COMPOSE_NAME = {"API_WORKERS": "WEB_CONCURRENCY"}
 def as_shipped(stack: Stack) -> Iterator[Stack]:
     stack.ensure_replicas(REPLICAS)
     yield recreate_api(stack, API_WORKERS="1")
-    workers = int(stack.env["API_WORKERS"])
-    recreate_api(stack, API_WORKERS=str(workers))
-
-    def reporting() -> bool:  # and the recreated replicas' series have expired
-        found = stack.prometheus('mnist_queue_depth{job="mnist-api"}')
-        hosts = {r["metric"]["host_name"] for r in found}
-        return len(hosts) == REPLICAS and len(found) == REPLICAS * workers
-
-    wait_for(reporting, timeout=120, interval=2, what="only the current workers' series")
+    recreate_api(stack, API_WORKERS=stack.env["API_WORKERS"])
+    stack.wait_for_worker_series()  # and the recreated replicas' series have expired
 
 
 def closed_loop(stack: Stack, connections: int, seconds: float) -> wrk.Result:
