@@ -15,14 +15,12 @@ import argparse
 import json
 import os
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from benchmarks import results_dir
 from harness import wrk
-from harness.cluster import Cluster, engine_get, running_cluster
+from harness.cluster import Cluster, engine_get, prometheus_query, running_cluster
 from harness.payloads import payloads
 from harness.servers import REPO
 from k8s.check import manifests
@@ -45,11 +43,7 @@ def autoscaler_query() -> str:
 
 
 def prometheus(port: int, query: str, at: float) -> float | None:
-    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode(
-        {"query": query, "time": f"{at:.3f}"}
-    )
-    with urllib.request.urlopen(url, timeout=10) as response:
-        found = json.load(response)["data"]["result"]
+    found = prometheus_query(f"127.0.0.1:{port}", query, at)
     return float(found[0]["value"][1]) if found else None
 
 

@@ -16,12 +16,10 @@ import argparse
 import json
 import os
 import time
-import urllib.parse
-import urllib.request
 from typing import Any
 
 from harness import vegeta
-from harness.cluster import Cluster, running_cluster
+from harness.cluster import Cluster, prometheus_query, running_cluster
 from harness.payloads import payloads
 
 # Each worker exports every 5 s and Prometheus scrapes every 5 s: a run's last second is in
@@ -37,23 +35,18 @@ HISTOGRAMS = {
 }
 
 
-def query(base: str, promql: str) -> list[dict[str, Any]]:
-    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-    with urllib.request.urlopen(url, timeout=10) as response:
-        result: list[dict[str, Any]] = json.load(response)["data"]["result"]
-    return result
-
-
-def quantile_ms(base: str, series: str, q: float, window: str, at: float) -> float | None:
+def quantile_ms(address: str, series: str, q: float, window: str, at: float) -> float | None:
     """The q-quantile over every worker of what `series` counted in `window` up to `at`."""
-    found = query(
-        base, f"histogram_quantile({q}, sum by (le) (increase({series}[{window}] @ {at:.3f})))"
+    found = prometheus_query(
+        address, f"histogram_quantile({q}, sum by (le) (increase({series}[{window}])))", at
     )
     value = float(found[0]["value"][1]) if found else float("nan")
     return None if value != value else round(value * 1000, 1)  # NaN: nothing counted
 
 
-def measure(cluster: Cluster, url: str, base: str, rate: float, seconds: float) -> dict[str, Any]:
+def measure(
+    cluster: Cluster, url: str, address: str, rate: float, seconds: float
+) -> dict[str, Any]:
     before = cluster.cpu_seconds() or {}
     started = time.time()
     result = vegeta.run(url, payloads()["png-28x28"], rate=rate, seconds=seconds)
@@ -61,8 +54,8 @@ def measure(cluster: Cluster, url: str, base: str, rate: float, seconds: float) 
     after = cluster.cpu_seconds() or {}
     time.sleep(SETTLE_S)
     window, at = f"{round(ended - started) + 1}s", ended + 1
-    refused = query(
-        base, f"sum by (mnist_reason) (increase(mnist_rejected_total[{window}] @ {at:.3f}))"
+    refused = prometheus_query(
+        address, f"sum by (mnist_reason) (increase(mnist_rejected_total[{window}]))", at
     )
     return {
         "rate": rate,
@@ -71,8 +64,8 @@ def measure(cluster: Cluster, url: str, base: str, rate: float, seconds: float) 
         "vegeta_answered_ms": {q: result.answered_latency_ms.get(q) for q in ("p50", "p99")},
         "workers_ms": {
             name: {
-                "p50": quantile_ms(base, series, 0.5, window, at),
-                "p99": quantile_ms(base, series, 0.99, window, at),
+                "p50": quantile_ms(address, series, 0.5, window, at),
+                "p99": quantile_ms(address, series, 0.99, window, at),
             }
             for name, series in HISTOGRAMS.items()
         },
@@ -94,13 +87,13 @@ def main() -> None:
     parser.add_argument("--project", default=os.environ.get("COMPOSE_PROJECT_NAME", "mnist"))
     args = parser.parse_args()
     cluster, port = running_cluster(args.project)
-    base = "http://" + cluster.published("prometheus", 9090)
+    address = cluster.published("prometheus", 9090)
     url = f"http://127.0.0.1:{port}/predict"
     # Every series in Prometheus before the first run: `increase` needs a sample before it.
     vegeta.run(url, payloads()["png-28x28"], rate=min(args.rates), seconds=5)
     time.sleep(SETTLE_S)
     for rate in args.rates:
-        record = measure(cluster, url, base, rate, args.seconds)
+        record = measure(cluster, url, address, rate, args.seconds)
         print(json.dumps(record), flush=True)
 
 

@@ -37,14 +37,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 from benchmarks import results_dir
 from harness import vegeta, wrk
-from harness.cluster import Cluster, engine_get, running_cluster
+from harness.cluster import Cluster, engine_get, prometheus_query, running_cluster
 from harness.memory import FILLING_STORES, memory_sample
 from harness.payloads import payloads
 from harness.servers import REPO
@@ -154,9 +152,7 @@ def head_series(cluster: Cluster) -> float | None:
     published port; None where it cannot be asked."""
     try:
         address = cluster.published("prometheus", 9090)
-        query = urllib.parse.urlencode({"query": "prometheus_tsdb_head_series"})
-        with urllib.request.urlopen(f"http://{address}/api/v1/query?{query}", timeout=10) as answer:
-            result = json.load(answer)["data"]["result"]
+        result = prometheus_query(address, "prometheus_tsdb_head_series")
         return float(result[0]["value"][1]) if result else None
     except (OSError, subprocess.SubprocessError, RuntimeError, ValueError, KeyError, IndexError):
         return None

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,16 @@ def engine_get(env: Mapping[str, str], path: str, timeout: float = 10.0) -> Any:
         return json.loads(body)
     finally:
         connection.close()
+
+
+def prometheus_query(address: str, query: str, at: float | None = None) -> list[dict[str, Any]]:
+    """The result vector of an instant PromQL query to the Prometheus at `address` (host:port),
+    evaluated at `at` (epoch seconds) or now."""
+    params = {"query": query} if at is None else {"query": query, "time": f"{at:.3f}"}
+    url = f"http://{address}/api/v1/query?" + urllib.parse.urlencode(params)
+    with urllib.request.urlopen(url, timeout=10) as response:
+        result: list[dict[str, Any]] = json.load(response)["data"]["result"]
+    return result
 
 
 @dataclass
