@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from harness.cluster import engine_get
 from tests.helpers import multipart, png_bytes
 from tests.integration.stack import (
     REPLICAS,
@@ -200,16 +201,25 @@ def test_replica_missing_alert_fires(stack: Stack) -> None:
     """A replica that hangs (frozen: it stops reporting without a graceful stop) pages once its
     series expire from the Collector (30 s); a graceful stop does not (test_rollout.py)."""
     victim = stack.replicas()[0]
+    host = engine_get(stack.env, f"/containers/{victim}/json")["Config"]["Hostname"]
     stack.docker("pause", victim)
-    try:
-        wait_for(
-            lambda: any(
+
+    def fired_for_the_victim() -> bool:  # not for a replica gone earlier, ageing out of 10 min
+        return (
+            not stack.prometheus(f'mnist_queue_depth{{job="mnist-api", host_name="{host}"}}')
+            and stack.scalar("mnist:replicas_missing:count") == 1
+            and any(
                 a["labels"]["alertname"] == "MnistReplicaMissing" and a["state"] == "firing"
                 for a in alerts(stack)
-            ),
+            )
+        )
+
+    try:
+        wait_for(
+            fired_for_the_victim,
             timeout=150,
             interval=3,
-            what="MnistReplicaMissing to fire",
+            what=f"MnistReplicaMissing to fire, {host} the one replica missing",
         )
         assert stack.scalar("mnist:replicas_missing:count") == 1
     finally:
