@@ -9,16 +9,20 @@ here is part of it. It is refused with 503 and Retry-After, before its body is r
 
 * while it waits, at the moment it could no longer be answered in time (its deadline);
 * on arrival, when it would have to wait and is already too old to be answered in time;
-* on arrival, in an overload (a request missed the budget in the last second): when it is
-  expected to miss it too (the requests ahead of it, served `max_concurrency` at a time in the
-  smoothed service time, would take it past the budget), or is past the budget already, even
-  with a place free. Refused at once, it holds no connection and its client does not wait;
+* on arrival, in an overload: when it is expected to miss it too (the requests ahead of it,
+  served `max_concurrency` at a time in the smoothed service time, would take it past the
+  budget), or is past the budget already, even with a place free. Refused at once, it holds no
+  connection and its client does not wait;
 * on arrival, when `max_queued` requests already wait: a bound on memory, set far above what
   the budget lets wait.
 
-In an overload the newest waiter gets the next free place (adaptive LIFO), so that those
-answered are answered well within the budget and the oldest reach their deadlines, and the
-deadlines allow for a slow answer, not an average one.
+An overload begins when the requests waiting, served at the rate this worker answered over the
+last second, would keep a new arrival waiting half the budget (a standing queue no closed loop
+of a healthy cluster forms), and lasts while requests keep missing the budget in arrival order.
+In it the newest waiter gets the next free place (adaptive LIFO), so that those answered are
+answered well within the budget and the oldest reach their deadlines, and the deadlines allow
+for a slow answer, not an average one. A waiter that LIFO passed over and that then reaches its
+deadline does not prolong the overload: in arrival order it would have been served.
 
 Outside an overload nothing is refused on a forecast, waiters are served in arrival order, and
 a request that finds a place free is served whatever its age: serving it delays nobody (a
@@ -115,6 +119,7 @@ class EdgeClock:
 @dataclass(slots=True, eq=False)
 class _Waiter:
     future: asyncio.Future[bool]  # True: a place was given; False: the deadline passed
+    number: int  # its place in arrival order
     timer: asyncio.TimerHandle | None = field(default=None)
 
 
@@ -126,7 +131,12 @@ class Refused(Exception):
         self.reason = reason
 
 
-# How long after a request missed the budget the worker counts as overloaded (s).
+# An overload begins at a standing queue of STANDING_SHARE of the budget (the requests waiting,
+# drained at the rate answered over the last RATE_WINDOW s of the busy period) and ends
+# OVERLOAD_WINDOW s after the last request that missed the budget in arrival order, once the
+# queue is below that share. docs/admission.md has the measurements behind them.
+STANDING_SHARE = 0.5
+RATE_WINDOW = 1.0
 OVERLOAD_WINDOW = 1.0
 
 # The labels refusals are counted under (mnist.rejected's mnist.reason).
@@ -157,7 +167,12 @@ class Admission:
         # 1/4, as TCP smooths a round trip, RFC 6298).
         self.service_time = 0.0
         self.service_deviation = 0.0
-        self._missed_at = -OVERLOAD_WINDOW  # when a request last missed the budget
+        self._overload = False
+        self._missed_at = -OVERLOAD_WINDOW  # when a request last missed the budget in order
+        self._answered: deque[float] = deque()  # when each answer of the last RATE_WINDOW ended
+        self._busy_since = 0.0  # when the worker last went from idle to busy
+        self._arrivals = 0  # waiters numbered in arrival order
+        self._served = 0  # the highest number given a place
         self._queue: deque[_Waiter] = deque()
 
     async def enter(self, edge_age: float) -> float:
@@ -165,7 +180,8 @@ class Admission:
         it waited here; raises `Refused` if it cannot be answered within the budget."""
         loop = asyncio.get_running_loop()
         started = loop.time()
-        # Requests have missed the budget lately: the queue is as long as the budget allows.
+        if not self.active and not self.waiting:
+            self._busy_since = started
         overloaded = self._overloaded(started)
         # How long it can wait and still be answered in time: after the average service, or in
         # an overload (a starved event loop, slow answers) after a slow one (mean + 4 mean
@@ -190,7 +206,8 @@ class Admission:
             expected = (self.waiting + 1) * self.service_time / self.max_concurrency
             if expected >= patience:
                 raise self._missed(started)
-        waiter = _Waiter(loop.create_future())
+        self._arrivals += 1
+        waiter = _Waiter(loop.create_future(), self._arrivals)
         waiter.timer = loop.call_at(started + patience, self._expire, waiter)
         self._queue.append(waiter)
         self.waiting += 1
@@ -208,7 +225,9 @@ class Admission:
 
     def leave(self, service_seconds: float, *, record: bool = True) -> None:
         """A request admitted by `enter` is done, after `service_seconds` of service."""
+        now = asyncio.get_running_loop().time()
         if record:
+            self._answered.append(now)
             if self.service_time == 0.0:  # the first measurement
                 self.service_time = service_seconds
             else:
@@ -218,18 +237,45 @@ class Admission:
         # In arrival order; in an overload, newest first (adaptive LIFO, "Fail at Scale"): the
         # oldest would wait out most of the budget before being served, if at all, while the
         # newest can still be answered well within it. The oldest then reach their deadlines.
-        newest_first = self._queue and self._overloaded(asyncio.get_running_loop().time())
+        newest_first = self._queue and self._overloaded(now)
         take = self._queue.pop if newest_first else self._queue.popleft
         while self._queue:
             waiter = take()
             if waiter.future.done():  # expired or cancelled: already counted out
                 continue
+            self._served = max(self._served, waiter.number)
             self._settle(waiter, admitted=True)
             return  # the place goes straight to the waiter: `active` is unchanged
         self.active -= 1
 
+    @property
+    def overloaded(self) -> bool:
+        """Whether this worker is in an overload now."""
+        return self._overloaded(asyncio.get_running_loop().time())
+
     def _overloaded(self, now: float) -> bool:
-        return now - self._missed_at < OVERLOAD_WINDOW
+        if self._standing(now):
+            self._overload = True
+        elif self._overload and now - self._missed_at >= OVERLOAD_WINDOW:
+            self._overload = False
+        return self._overload
+
+    def _standing(self, now: float) -> bool:
+        """Whether the requests waiting, served at the rate answered over the last RATE_WINDOW
+        of this busy period, would keep a new arrival waiting STANDING_SHARE of the budget. A
+        closed loop holds its connections' requests standing by design; one within the budget's
+        reach stays below this, as a burst does. The rate is read over a tenth of the window
+        at least, so a burst after an idle spell is no overload, and no answer at all in that
+        time while requests wait is one."""
+        start = max(now - RATE_WINDOW, self._busy_since)
+        answered = self._answered
+        while answered and answered[0] <= start:
+            answered.popleft()
+        window = now - start
+        if not self.waiting or window < RATE_WINDOW / 10:
+            return False
+        # waiting / (answers / window) >= share x budget
+        return self.waiting * window >= STANDING_SHARE * self.budget * len(answered)
 
     def _missed(self, now: float) -> Refused:
         self._missed_at = now
@@ -237,7 +283,8 @@ class Admission:
 
     def _expire(self, waiter: _Waiter) -> None:
         if not waiter.future.done():
-            self._missed_at = waiter.future.get_loop().time()
+            if waiter.number > self._served:  # nobody after it was served first: in order
+                self._missed_at = waiter.future.get_loop().time()
             self._settle(waiter, admitted=False)
 
     def _settle(self, waiter: _Waiter, *, admitted: bool) -> None:

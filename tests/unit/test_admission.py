@@ -17,6 +17,7 @@ from starlette.types import Message, Receive, Scope, Send
 from app.admission import (
     BUDGET,
     QUEUE_FULL,
+    RATE_WINDOW,
     Admission,
     AdmissionMiddleware,
     EdgeClock,
@@ -165,12 +166,16 @@ def test_waiters_get_places_in_arrival_order() -> None:
     run(scenario)
 
 
-def test_in_an_overload_the_newest_waiter_is_served_first() -> None:
+# An overload begins at a standing queue: the requests waiting, at the rate answered over the
+# busy period (a tenth of RATE_WINDOW at least), would keep a new one waiting half the budget.
+# Nothing answered for that tenth while requests wait is such a queue.
+STANDING = RATE_WINDOW / 10 + 0.03
+
+
+def test_a_standing_queue_is_an_overload_in_which_the_newest_is_served_first() -> None:
     async def scenario() -> None:
         gate = admission(budget=0.5, max_concurrency=1)
         await gate.enter(0.0)
-        with pytest.raises(Refused):
-            await gate.enter(0.49)  # misses its deadline: an overload
         order: list[int] = []
 
         async def wait(n: int) -> None:
@@ -179,11 +184,87 @@ def test_in_an_overload_the_newest_waiter_is_served_first() -> None:
 
         tasks = [asyncio.create_task(wait(n)) for n in range(3)]
         await asyncio.sleep(0)
+        assert not gate.overloaded  # a queue, not yet a standing one
+        await asyncio.sleep(STANDING)
+        assert gate.overloaded
         for _ in range(3):
             gate.leave(0.001)
             await asyncio.sleep(0)
         await asyncio.gather(*tasks)
-        assert order == [2, 1, 0]
+        # The newest first; then, two answers in ~0.13 s against two waiting (a 0.13-s queue,
+        # under half the budget) and no request having missed the budget, arrival order again.
+        assert order == [2, 0, 1]
+        assert not gate.overloaded
+
+    run(scenario)
+
+
+def test_a_missed_budget_alone_is_no_overload() -> None:
+    async def scenario() -> None:
+        # A closed loop's connections keep a short queue standing; a stall makes one request
+        # miss the budget. The others are still served in arrival order, none refused on a
+        # forecast: serving the newest first would starve the oldest past the budget.
+        gate = admission(budget=0.2, max_concurrency=1)
+        gate.service_time = 0.01
+        await gate.enter(0.0)
+        with pytest.raises(Refused):
+            await gate.enter(0.15)  # 40 ms of patience: it misses its deadline
+        order: list[int] = []
+
+        async def wait(n: int) -> None:
+            await gate.enter(0.0)
+            order.append(n)
+
+        tasks = [asyncio.create_task(wait(n)) for n in range(3)]
+        await asyncio.sleep(0)
+        assert gate.waiting == 3
+        assert not gate.overloaded
+        for _ in range(3):
+            gate.leave(0.01)
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+        assert order == [0, 1, 2]
+
+    run(scenario)
+
+
+def test_waiters_passed_over_do_not_prolong_an_overload() -> None:
+    async def scenario() -> None:
+        gate = admission(budget=0.3, max_concurrency=1)
+        await gate.enter(0.0)
+        passed_over = [asyncio.create_task(gate.enter(0.0)) for _ in range(2)]
+        await asyncio.sleep(STANDING)
+        assert gate.overloaded
+        newest = asyncio.create_task(gate.enter(0.0))
+        await asyncio.sleep(0)
+        gate.leave(0.001)  # the place goes to the newest
+        assert await newest == pytest.approx(0.0, abs=0.05)
+        # The two passed over reach their deadlines. In arrival order they would have been
+        # served: no request missed the budget in order, so the overload ends with the queue.
+        for task in passed_over:
+            with pytest.raises(Refused):
+                await task
+        gate.leave(0.001)
+        assert (gate.active, gate.waiting) == (0, 0)
+        assert not gate.overloaded
+
+    run(scenario)
+
+
+def test_a_request_missing_the_budget_in_order_prolongs_an_overload() -> None:
+    async def scenario() -> None:
+        gate = admission(budget=0.3, max_concurrency=1)
+        await gate.enter(0.0)
+        waiter = asyncio.create_task(gate.enter(0.0))
+        await asyncio.sleep(STANDING)
+        assert gate.overloaded
+        with pytest.raises(Refused):
+            await gate.enter(0.2)  # too old to wait: a miss in arrival order
+        gate.leave(0.001)
+        await waiter
+        gate.leave(0.001)
+        assert (gate.active, gate.waiting) == (0, 0)
+        assert gate.overloaded  # for OVERLOAD_WINDOW after that miss, queue or none
 
     run(scenario)
 
@@ -233,26 +314,22 @@ def test_in_an_overload_a_request_expected_to_miss_is_refused_at_once() -> None:
         gate.service_time = 0.1
         for _ in range(2):
             await gate.enter(0.0)
-        # Each waiter expects (place in line) x 100 ms / 2 of waiting, and 100 ms of service:
-        # the 1st to the 7th can make 500 ms, the 8th cannot.
-        waiters = [asyncio.create_task(gate.enter(0.0)) for _ in range(7)]
+        # Each waiter expects (place in line) x 100 ms / 2 of waiting, and 100 ms of service.
+        waiters = [asyncio.create_task(gate.enter(0.0)) for _ in range(8)]
         await asyncio.sleep(0)
-        # No overload yet: the 8th is not refused on a forecast; it waits for its deadline.
-        eighth = asyncio.create_task(gate.enter(0.0))
-        await asyncio.sleep(0.05)
-        assert not eighth.done()
+        # No overload yet: the 8th, which cannot make 500 ms, is not refused on a forecast.
         assert gate.waiting == 8
-        # A waiter misses its deadline (it came in 350 ms old: 50 ms of patience): an overload.
-        with pytest.raises(Refused):
-            await gate.enter(0.35)
+        await asyncio.sleep(STANDING)  # nothing answered: a standing queue, an overload
+        assert gate.overloaded
         loop = asyncio.get_running_loop()
         started = loop.time()
         with pytest.raises(Refused) as refused:
-            await gate.enter(0.0)  # the 9th in line: refused at once
+            # It may wait 400 ms (the budget less the service), and the 9th in line expects
+            # 450 ms. In an overload that is refused at once.
+            await gate.enter(0.0)
         assert refused.value.reason == BUDGET
         assert loop.time() - started < 0.05
-        eighth.cancel()
-        for _ in range(9):
+        for _ in range(10):
             gate.leave(0.1)
         await asyncio.gather(*waiters)
 
@@ -263,8 +340,12 @@ def test_in_an_overload_a_late_request_is_refused_even_with_a_place_free() -> No
     async def scenario() -> None:
         gate = admission(budget=0.2, max_concurrency=1)
         await gate.enter(0.0)
+        waiter = asyncio.create_task(gate.enter(0.0))
+        await asyncio.sleep(STANDING)
         with pytest.raises(Refused):
-            await gate.enter(0.19)  # a waiter misses its deadline: an overload
+            await gate.enter(0.15)  # in an overload, too old to wait: a miss in order
+        gate.leave(0.001)
+        await waiter
         gate.leave(0.001)
         with pytest.raises(Refused) as refused:
             await gate.enter(0.25)  # a place is free, but the request is already late
