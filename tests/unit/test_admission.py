@@ -259,7 +259,7 @@ def test_a_request_missing_the_budget_in_order_prolongs_an_overload() -> None:
         await asyncio.sleep(STANDING)
         assert gate.overloaded
         with pytest.raises(Refused):
-            await gate.enter(0.2)  # too old to wait: a miss in arrival order
+            await gate.enter(0.3)  # too old to wait, refused at once: a miss in arrival order
         gate.leave(0.001)
         await waiter
         gate.leave(0.001)
@@ -343,7 +343,7 @@ def test_in_an_overload_a_late_request_is_refused_even_with_a_place_free() -> No
         waiter = asyncio.create_task(gate.enter(0.0))
         await asyncio.sleep(STANDING)
         with pytest.raises(Refused):
-            await gate.enter(0.15)  # in an overload, too old to wait: a miss in order
+            await gate.enter(0.2)  # too old to wait, refused at once: a miss in order
         gate.leave(0.001)
         await waiter
         gate.leave(0.001)
