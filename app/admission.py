@@ -167,12 +167,14 @@ class Admission:
         # 1/4, as TCP smooths a round trip, RFC 6298).
         self.service_time = 0.0
         self.service_deviation = 0.0
-        self._overload = False
+        self.overloads = 0  # overloads begun
+        self.overload_arrivals = 0  # requests that arrived in an overload
+        self._in_overload = False
         self._missed_at = -OVERLOAD_WINDOW  # when a request last missed the budget in order
         self._answered: deque[float] = deque()  # when each answer of the last RATE_WINDOW ended
         self._busy_since = 0.0  # when the worker last went from idle to busy
         self._arrivals = 0  # waiters numbered in arrival order
-        self._served = 0  # the highest number given a place
+        self._highest_admitted = 0  # the highest arrival number given a place
         self._queue: deque[_Waiter] = deque()
 
     async def enter(self, edge_age: float) -> float:
@@ -182,7 +184,8 @@ class Admission:
         started = loop.time()
         if not self.active and not self.waiting:
             self._busy_since = started
-        overloaded = self._overloaded(started)
+        overloaded = self._update_overload(started)
+        self.overload_arrivals += overloaded
         # How long it can wait and still be answered in time: after the average service, or in
         # an overload (a starved event loop, slow answers) after a slow one (mean + 4 mean
         # deviations, as TCP's retransmission timeout covers a slow round trip).
@@ -237,28 +240,35 @@ class Admission:
         # In arrival order; in an overload, newest first (adaptive LIFO, "Fail at Scale"): the
         # oldest would wait out most of the budget before being served, if at all, while the
         # newest can still be answered well within it. The oldest then reach their deadlines.
-        newest_first = self._queue and self._overloaded(now)
-        take = self._queue.pop if newest_first else self._queue.popleft
-        while self._queue:
+        queue = self._queue
+        newest_first = queue and self._update_overload(now)
+        take = queue.pop if newest_first else queue.popleft
+        while queue:
             waiter = take()
             if waiter.future.done():  # expired or cancelled: already counted out
                 continue
-            self._served = max(self._served, waiter.number)
+            # Under LIFO the oldest expire at the far end; drop them there too, so that a long
+            # overload does not keep every expired waiter until arrival order resumes.
+            while newest_first and queue and queue[0].future.done():
+                queue.popleft()
+            self._highest_admitted = max(self._highest_admitted, waiter.number)
             self._settle(waiter, admitted=True)
             return  # the place goes straight to the waiter: `active` is unchanged
         self.active -= 1
 
     @property
     def overloaded(self) -> bool:
-        """Whether this worker is in an overload now."""
-        return self._overloaded(asyncio.get_running_loop().time())
+        """Whether this worker is in an overload now (bringing that state up to date)."""
+        return self._update_overload(asyncio.get_running_loop().time())
 
-    def _overloaded(self, now: float) -> bool:
+    def _update_overload(self, now: float) -> bool:
         if self._standing(now):
-            self._overload = True
-        elif self._overload and now - self._missed_at >= OVERLOAD_WINDOW:
-            self._overload = False
-        return self._overload
+            if not self._in_overload:
+                self._in_overload = True
+                self.overloads += 1
+        elif self._in_overload and now - self._missed_at >= OVERLOAD_WINDOW:
+            self._in_overload = False
+        return self._in_overload
 
     def _standing(self, now: float) -> bool:
         """Whether the requests waiting, served at the rate answered over the last RATE_WINDOW
@@ -283,7 +293,7 @@ class Admission:
 
     def _expire(self, waiter: _Waiter) -> None:
         if not waiter.future.done():
-            if waiter.number > self._served:  # nobody after it was served first: in order
+            if waiter.number > self._highest_admitted:  # nobody after it was served first
                 self._missed_at = waiter.future.get_loop().time()
             self._settle(waiter, admitted=False)
 

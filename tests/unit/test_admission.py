@@ -129,6 +129,29 @@ def admission(**overrides: Any) -> Admission:
     return Admission(**{**options, **overrides})
 
 
+async def queue_up(gate: Admission, n: int) -> tuple[list[int], list[asyncio.Task[None]]]:
+    """n requests queued at a full `gate`, numbered in arrival order, and the list that records
+    the order in which they are given places."""
+    order: list[int] = []
+
+    async def wait(number: int) -> None:
+        await gate.enter(0.0)
+        order.append(number)
+
+    tasks = [asyncio.create_task(wait(number)) for number in range(n)]
+    await asyncio.sleep(0)
+    assert gate.waiting == n
+    return order, tasks
+
+
+async def serve(gate: Admission, tasks: list[asyncio.Task[None]], service: float) -> None:
+    """One answer, of `service` seconds, for each of `tasks`: each frees a place for the next."""
+    for _ in tasks:
+        gate.leave(service)
+        await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+
+
 def test_free_places_admit_at_once_whatever_the_age() -> None:
     async def scenario() -> None:
         gate = admission(budget=0.1)
@@ -144,19 +167,8 @@ def test_waiters_get_places_in_arrival_order() -> None:
     async def scenario() -> None:
         gate = admission(max_concurrency=1)
         await gate.enter(0.0)
-        order: list[int] = []
-
-        async def wait(n: int) -> None:
-            await gate.enter(0.0)
-            order.append(n)
-
-        tasks = [asyncio.create_task(wait(n)) for n in range(4)]
-        await asyncio.sleep(0)
-        assert gate.waiting == 4
-        for _ in range(4):
-            gate.leave(0.001)
-            await asyncio.sleep(0)
-        await asyncio.gather(*tasks)
+        order, tasks = await queue_up(gate, 4)
+        await serve(gate, tasks, 0.001)
         assert order == [0, 1, 2, 3]
         assert gate.active == 1  # the last one holds the place
         assert gate.waiting == 0
@@ -176,21 +188,12 @@ def test_a_standing_queue_is_an_overload_in_which_the_newest_is_served_first() -
     async def scenario() -> None:
         gate = admission(budget=0.5, max_concurrency=1)
         await gate.enter(0.0)
-        order: list[int] = []
-
-        async def wait(n: int) -> None:
-            await gate.enter(0.0)
-            order.append(n)
-
-        tasks = [asyncio.create_task(wait(n)) for n in range(3)]
-        await asyncio.sleep(0)
+        order, tasks = await queue_up(gate, 3)
         assert not gate.overloaded  # a queue, not yet a standing one
         await asyncio.sleep(STANDING)
         assert gate.overloaded
-        for _ in range(3):
-            gate.leave(0.001)
-            await asyncio.sleep(0)
-        await asyncio.gather(*tasks)
+        assert gate.overloads == 1
+        await serve(gate, tasks, 0.001)
         # The newest first; then, two answers in ~0.13 s against two waiting (a 0.13-s queue,
         # under half the budget) and no request having missed the budget, arrival order again.
         assert order == [2, 0, 1]
@@ -209,21 +212,11 @@ def test_a_missed_budget_alone_is_no_overload() -> None:
         await gate.enter(0.0)
         with pytest.raises(Refused):
             await gate.enter(0.15)  # 40 ms of patience: it misses its deadline
-        order: list[int] = []
-
-        async def wait(n: int) -> None:
-            await gate.enter(0.0)
-            order.append(n)
-
-        tasks = [asyncio.create_task(wait(n)) for n in range(3)]
-        await asyncio.sleep(0)
-        assert gate.waiting == 3
+        order, tasks = await queue_up(gate, 3)
         assert not gate.overloaded
-        for _ in range(3):
-            gate.leave(0.01)
-            await asyncio.sleep(0)
-        await asyncio.gather(*tasks)
+        await serve(gate, tasks, 0.01)
         assert order == [0, 1, 2]
+        assert (gate.overloads, gate.overload_arrivals) == (0, 0)
 
     run(scenario)
 
@@ -247,6 +240,25 @@ def test_waiters_passed_over_do_not_prolong_an_overload() -> None:
         gate.leave(0.001)
         assert (gate.active, gate.waiting) == (0, 0)
         assert not gate.overloaded
+
+    run(scenario)
+
+
+def test_waiters_expired_under_lifo_are_dropped_from_the_queue() -> None:
+    async def scenario() -> None:
+        gate = admission(budget=0.3, max_concurrency=1)
+        await gate.enter(0.0)
+        oldest = [asyncio.create_task(gate.enter(0.0)) for _ in range(3)]
+        await asyncio.sleep(STANDING)
+        assert gate.overloaded
+        newest = asyncio.create_task(gate.enter(0.0))
+        for task in oldest:  # passed over: they reach their deadlines
+            with pytest.raises(Refused):
+                await task
+        assert gate.overload_arrivals == 1
+        gate.leave(0.001)  # the place goes to the newest, from the far end
+        await newest
+        assert len(gate._queue) == 0  # and the expired ones at the near end are gone too
 
     run(scenario)
 
