@@ -22,6 +22,9 @@ Instruments (Prometheus names, after the collector's translation, in brackets):
 * mnist.admission.wait, s: how long a prediction request waited for a place in its worker
 * mnist.admission.requests: prediction requests being served and waiting, per worker (a gauge,
   by mnist.state)
+* mnist.admission.overloads: overloads begun, per worker (a standing queue of half the budget,
+  in which the newest waiter is served first and a request expected to miss is refused at once)
+* mnist.admission.overload.requests: prediction requests that arrived in an overload
 * mnist.queue.wait, s: from enqueue to the start of the request's batch
 * mnist.batch.size: images per inference call
 * mnist.queue.depth: images waiting for inference in this worker (a gauge)
@@ -294,6 +297,18 @@ class Metrics:
             unit="{request}",
             description="Prediction requests being served (active) and waiting for a place.",
         )
+        meter.create_observable_counter(
+            "mnist.admission.overloads",
+            callbacks=[self._observe_overloads],
+            unit="{overload}",
+            description="Overloads begun: a standing queue of half the latency budget.",
+        )
+        meter.create_observable_counter(
+            "mnist.admission.overload.requests",
+            callbacks=[self._observe_overload_requests],
+            unit="{request}",
+            description="Prediction requests that arrived in an overload.",
+        )
         self.batch_size = self._histogram(
             "mnist.batch.size", "{image}", "Images per inference call.", BATCH_BUCKETS
         )
@@ -357,6 +372,12 @@ class Metrics:
             found.append(Observation(admission.active, {"mnist.state": "active"}))
             found.append(Observation(admission.waiting, {"mnist.state": "waiting"}))
         return found
+
+    def _observe_overloads(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(admission.overloads) for admission in self._admissions]
+
+    def _observe_overload_requests(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(admission.overload_arrivals) for admission in self._admissions]
 
     def record_admission(self, edge_wait: float | None, admission_wait: float) -> None:
         if edge_wait is not None:

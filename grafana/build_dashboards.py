@@ -277,6 +277,22 @@ def inference() -> Dashboard:
         unit="s",
     )
     d.panel(
+        "Prediction requests arriving in an overload",
+        [
+            (
+                "sum by (host_name) (rate(mnist_admission_overload_requests_total"
+                f"{{{API}}}[1m])) / sum by (host_name) (rate("
+                f'http_server_request_duration_seconds_count{{{API}, http_route=~"/predict.*"}}'
+                "[1m]))",
+                "{{host_name}}",
+            )
+        ],
+        unit="percentunit",
+        description="Per replica. An overload begins at a standing queue of half the latency "
+        "budget; in it the newest waiter is served first and a request expected to miss the "
+        "budget is refused on arrival (docs/admission.md).",
+    )
+    d.panel(
         "Inference time per batch",
         [
             (quantile(0.5, "mnist_inference_duration_seconds", API), "p50"),

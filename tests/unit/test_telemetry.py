@@ -136,6 +136,20 @@ def test_admission_is_measured_from_the_edges_stamp(
         for p in metrics["mnist.admission.requests"][0].data.data_points
     }
     assert states == {"active": 0, "waiting": 0}
+    for name in ("mnist.admission.overloads", "mnist.admission.overload.requests"):
+        assert [p.value for p in metrics[name][0].data.data_points] == [0], name
+
+
+def test_overloads_are_exported_per_worker(
+    observed: tuple[TestClient, InMemoryMetricReader],
+) -> None:
+    client, reader = observed
+    admission = client.app.state.admission  # type: ignore[attr-defined]
+    admission.overloads, admission.overload_arrivals = 3, 41
+    metrics = collect(reader, client)
+    (overloads,) = metrics["mnist.admission.overloads"][0].data.data_points
+    (arrivals,) = metrics["mnist.admission.overload.requests"][0].data.data_points
+    assert (overloads.value, arrivals.value) == (3, 41)
 
 
 def test_admission_refusals_are_counted_by_reason(
