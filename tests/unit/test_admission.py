@@ -144,6 +144,14 @@ async def queue_up(gate: Admission, n: int) -> tuple[list[int], list[asyncio.Tas
     return order, tasks
 
 
+async def standing(gate: Admission, n: int) -> list[asyncio.Task[float]]:
+    """n requests waiting at a full `gate` until their queue is a standing one: an overload."""
+    waiters = [asyncio.create_task(gate.enter(0.0)) for _ in range(n)]
+    await asyncio.sleep(STANDING)
+    assert gate.overloaded
+    return waiters
+
+
 async def serve(gate: Admission, tasks: list[asyncio.Task[None]], service: float) -> None:
     """One answer, of `service` seconds, for each of `tasks`: each frees a place for the next."""
     for _ in tasks:
@@ -225,9 +233,7 @@ def test_waiters_passed_over_do_not_prolong_an_overload() -> None:
     async def scenario() -> None:
         gate = admission(budget=0.3, max_concurrency=1)
         await gate.enter(0.0)
-        passed_over = [asyncio.create_task(gate.enter(0.0)) for _ in range(2)]
-        await asyncio.sleep(STANDING)
-        assert gate.overloaded
+        passed_over = await standing(gate, 2)
         newest = asyncio.create_task(gate.enter(0.0))
         await asyncio.sleep(0)
         gate.leave(0.001)  # the place goes to the newest
@@ -248,9 +254,7 @@ def test_waiters_expired_under_lifo_are_dropped_from_the_queue() -> None:
     async def scenario() -> None:
         gate = admission(budget=0.3, max_concurrency=1)
         await gate.enter(0.0)
-        oldest = [asyncio.create_task(gate.enter(0.0)) for _ in range(3)]
-        await asyncio.sleep(STANDING)
-        assert gate.overloaded
+        oldest = await standing(gate, 3)
         newest = asyncio.create_task(gate.enter(0.0))
         for task in oldest:  # passed over: they reach their deadlines
             with pytest.raises(Refused):
@@ -267,9 +271,7 @@ def test_a_request_missing_the_budget_in_order_prolongs_an_overload() -> None:
     async def scenario() -> None:
         gate = admission(budget=0.3, max_concurrency=1)
         await gate.enter(0.0)
-        waiter = asyncio.create_task(gate.enter(0.0))
-        await asyncio.sleep(STANDING)
-        assert gate.overloaded
+        (waiter,) = await standing(gate, 1)
         with pytest.raises(Refused):
             await gate.enter(0.3)  # too old to wait, refused at once: a miss in arrival order
         gate.leave(0.001)
