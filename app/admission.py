@@ -9,28 +9,28 @@ here is part of it. It is refused with 503 and Retry-After, before its body is r
 
 * while it waits, at the moment it could no longer be answered in time (its deadline);
 * on arrival, when it would have to wait and is already too old to be answered in time;
-* on arrival, in an overload: when it is expected to miss it too (the requests ahead of it,
-  served `max_concurrency` at a time in the smoothed service time, would take it past the
-  budget), or is past the budget already, even with a place free. Refused at once, it holds no
-  connection and its client does not wait;
 * on arrival, when `max_queued` requests already wait: a bound on memory, set far above what
   the budget lets wait.
 
 An overload begins when the requests waiting, served at the rate this worker answered over the
-last second, would keep a new arrival waiting half the budget (a standing queue no closed loop
-of a healthy cluster forms), and lasts while requests keep missing the budget in arrival order.
-In it the newest waiter gets the next free place (adaptive LIFO), so that those answered are
-answered well within the budget and the oldest reach their deadlines, and the deadlines allow
-for a slow answer, not an average one. A waiter that LIFO passed over and that then reaches its
-deadline does not prolong the overload: in arrival order it would have been served.
+last second, would keep a new arrival waiting most of the budget (a standing queue no closed
+loop of a healthy cluster forms), and ends when the worker has caught up: a place is free and
+nobody waits. For a while after that, half the budget begins the next. In it, as in "Fail at
+Scale" (CoDel's short queue timeout with adaptive LIFO):
 
-Outside an overload nothing is refused on a forecast, waiters are served in arrival order, and
-a request that finds a place free is served whatever its age: serving it delays nobody (a
-request that nginx retried after a dead replica's connect timeout is such a request).
+* a request waits a tenth of the budget at most (`OVERLOAD_WAIT_SHARE`); those waiting longer
+  when the overload begins are refused at once. So the answered are answered well within the
+  budget, the refused are refused quickly, and the worker still never runs dry;
+* the newest waiter gets the next free place (adaptive LIFO);
+* deadlines allow for a slow answer, not an average one, as a starved event loop answers late.
+
+Outside an overload waiters are served in arrival order. A request that finds a place free and
+nobody waiting is served whatever its age: serving it delays nobody (a request that nginx
+retried after a dead replica's connect timeout is such a request).
 
 This is HAProxy's `maxconn` + queue + `timeout queue`, with the timeout derived from one
-budget, and "Fail at Scale"'s adaptive LIFO in an overload; docs/admission.md says why, and
-why not CoDel's short timeouts or an adaptive concurrency limit.
+budget, and "Fail at Scale"'s controlled delay with adaptive LIFO in an overload;
+docs/admission.md says why, and why not an adaptive concurrency limit.
 """
 
 from __future__ import annotations
@@ -118,8 +118,9 @@ class EdgeClock:
 
 @dataclass(slots=True, eq=False)
 class _Waiter:
-    future: asyncio.Future[bool]  # True: a place was given; False: the deadline passed
-    number: int  # its place in arrival order
+    future: asyncio.Future[bool]  # True: a place was given; False: refused
+    arrived: float  # the event loop's time when it began to wait
+    deadline: float  # and the last moment at which it can be given a place
     timer: asyncio.TimerHandle | None = field(default=None)
 
 
@@ -132,12 +133,15 @@ class Refused(Exception):
 
 
 # An overload begins at a standing queue of STANDING_SHARE of the budget (the requests waiting,
-# drained at the rate answered over the last RATE_WINDOW s of the busy period) and ends
-# OVERLOAD_WINDOW s after the last request that missed the budget in arrival order, once the
-# queue is below that share. docs/admission.md has the measurements behind them.
-STANDING_SHARE = 0.5
+# drained at the rate answered over the last RATE_WINDOW s of the busy period), or of
+# REENTRY_SHARE within REENTRY_WINDOW s of the last one's end, and ends when the worker catches
+# up; in it a request waits OVERLOAD_WAIT_SHARE of the budget at most. docs/admission.md has
+# the measurements behind them.
+STANDING_SHARE = 0.8
+REENTRY_SHARE = 0.5
+REENTRY_WINDOW = 2.0
 RATE_WINDOW = 1.0
-OVERLOAD_WINDOW = 1.0
+OVERLOAD_WAIT_SHARE = 0.1
 
 # The labels refusals are counted under (mnist.rejected's mnist.reason).
 BUDGET = "budget"
@@ -169,13 +173,12 @@ class Admission:
         self.service_deviation = 0.0
         self.overloads = 0  # overloads begun
         self.overload_arrivals = 0  # requests that arrived in an overload
+        self.overload_wait = OVERLOAD_WAIT_SHARE * budget  # the longest wait in an overload
         self._in_overload = False
-        self._missed_at = -OVERLOAD_WINDOW  # when a request last missed the budget in order
+        self._overload_ended = -REENTRY_WINDOW  # when the last overload ended
         self._answered: deque[float] = deque()  # when each answer of the last RATE_WINDOW ended
         self._busy_since = 0.0  # when the worker last went from idle to busy
-        self._arrivals = 0  # waiters numbered in arrival order
-        self._highest_admitted = 0  # the highest arrival number given a place
-        self._queue: deque[_Waiter] = deque()
+        self._queue: deque[_Waiter] = deque()  # in arrival order
 
     async def enter(self, edge_age: float) -> float:
         """Wait for a place for a request `edge_age` seconds old on arrival. Returns the time
@@ -186,32 +189,24 @@ class Admission:
             self._busy_since = started
         overloaded = self._update_overload(started)
         self.overload_arrivals += overloaded
-        # How long it can wait and still be answered in time: after the average service, or in
-        # an overload (a starved event loop, slow answers) after a slow one (mean + 4 mean
-        # deviations, as TCP's retransmission timeout covers a slow round trip).
-        service = self.service_time
-        if overloaded:
-            service += 4 * self.service_deviation
-        patience = self.budget - edge_age - service
-        if self.active < self.max_concurrency and not self.waiting:
-            if overloaded and edge_age >= self.budget:  # already late
-                raise self._missed(started)
+        if self.active < self.max_concurrency and not self.waiting:  # never in an overload
             self.active += 1
             return 0.0
         if self.waiting >= self.max_queued:
             raise Refused(QUEUE_FULL)
-        if patience <= 0:
-            raise self._missed(started)
+        # How long it can wait and still be answered in time: after the average service, or in
+        # an overload (a starved event loop, slow answers) after a slow one (mean + 4 mean
+        # deviations, as TCP's retransmission timeout covers a slow round trip), and there no
+        # longer than the overload's short wait.
         if overloaded:
-            # A request expected to miss the budget too (the requests ahead of it, served
-            # `max_concurrency` at a time) is refused now, not at its deadline: it holds no
-            # connection, and its client does not wait for the refusal.
-            expected = (self.waiting + 1) * self.service_time / self.max_concurrency
-            if expected >= patience:
-                raise self._missed(started)
-        self._arrivals += 1
-        waiter = _Waiter(loop.create_future(), self._arrivals)
-        waiter.timer = loop.call_at(started + patience, self._expire, waiter)
+            service = self.service_time + 4 * self.service_deviation
+            patience = min(self.budget - edge_age - service, self.overload_wait)
+        else:
+            patience = self.budget - edge_age - self.service_time
+        if patience <= 0:
+            raise Refused(BUDGET)
+        waiter = _Waiter(loop.create_future(), started, started + patience)
+        waiter.timer = loop.call_at(waiter.deadline, self._expire, waiter)
         self._queue.append(waiter)
         self.waiting += 1
         try:
@@ -237,24 +232,28 @@ class Admission:
                 error = service_seconds - self.service_time
                 self.service_deviation += (abs(error) - self.service_deviation) / 4
                 self.service_time += error / 8
-        # In arrival order; in an overload, newest first (adaptive LIFO, "Fail at Scale"): the
-        # oldest would wait out most of the budget before being served, if at all, while the
-        # newest can still be answered well within it. The oldest then reach their deadlines.
         queue = self._queue
-        newest_first = queue and self._update_overload(now)
-        take = queue.pop if newest_first else queue.popleft
-        while queue:
-            waiter = take()
-            if waiter.future.done():  # expired or cancelled: already counted out
-                continue
-            # Under LIFO the oldest expire at the far end; drop them there too, so that a long
-            # overload does not keep every expired waiter until arrival order resumes.
-            while newest_first and queue and queue[0].future.done():
-                queue.popleft()
-            self._highest_admitted = max(self._highest_admitted, waiter.number)
-            self._settle(waiter, admitted=True)
-            return  # the place goes straight to the waiter: `active` is unchanged
+        if self.waiting:
+            # In arrival order; in an overload, newest first (adaptive LIFO, "Fail at Scale"),
+            # after refusing those that have waited longer than the overload allows: the
+            # oldest, who would otherwise hold their connections to their deadlines and,
+            # served, be answered at the edge of the budget.
+            newest_first = self._update_overload(now)
+            if newest_first:
+                self._refuse_long_waiting(now)
+            take = queue.pop if newest_first else queue.popleft
+            while queue:
+                waiter = take()
+                if waiter.future.done():  # refused or cancelled: already counted out
+                    continue
+                if waiter.deadline <= now:  # its timer is late (a busy event loop)
+                    self._settle(waiter, admitted=False)
+                    continue
+                self._settle(waiter, admitted=True)
+                return  # the place goes straight to the waiter: `active` is unchanged
+        queue.clear()  # nobody waits: what is left was refused or cancelled
         self.active -= 1
+        self._update_overload(now)  # a place free and nobody waiting: caught up
 
     @property
     def overloaded(self) -> bool:
@@ -266,8 +265,9 @@ class Admission:
             if not self._in_overload:
                 self._in_overload = True
                 self.overloads += 1
-        elif self._in_overload and now - self._missed_at >= OVERLOAD_WINDOW:
-            self._in_overload = False
+        elif self._in_overload and not self.waiting and self.active < self.max_concurrency:
+            self._in_overload = False  # caught up, as CoDel leaves its dropping state
+            self._overload_ended = now
         return self._in_overload
 
     def _standing(self, now: float) -> bool:
@@ -276,7 +276,14 @@ class Admission:
         closed loop holds its connections' requests standing by design; one within the budget's
         reach stays below this, as a burst does. The rate is read over a tenth of the window
         at least, so a burst after an idle spell is no overload, and no answer at all in that
-        time while requests wait is one."""
+        time while requests wait is one.
+
+        Within REENTRY_WINDOW of an overload's end the share is REENTRY_SHARE: under a load
+        that goes on exceeding what it answers, a worker still catches up now and then, and
+        would otherwise serve a whole standing queue in arrival order, at the edge of the
+        budget, before the next overload began. REENTRY_SHARE is still above the queue a closed
+        loop holds at the loads the budget is set for (docs/admission.md), so that loop's own
+        standing requests do not renew an overload that a stall set off."""
         start = max(now - RATE_WINDOW, self._busy_since)
         answered = self._answered
         while answered and answered[0] <= start:
@@ -284,17 +291,23 @@ class Admission:
         window = now - start
         if not self.waiting or window < RATE_WINDOW / 10:
             return False
+        share = STANDING_SHARE
+        if now - self._overload_ended < REENTRY_WINDOW:
+            share = REENTRY_SHARE
         # waiting / (answers / window) >= share x budget
-        return self.waiting * window >= STANDING_SHARE * self.budget * len(answered)
+        return self.waiting * window >= share * self.budget * len(answered)
 
-    def _missed(self, now: float) -> Refused:
-        self._missed_at = now
-        return Refused(BUDGET)
+    def _refuse_long_waiting(self, now: float) -> None:
+        """Refuse the waiters that have waited longer than an overload allows (the oldest, at
+        the queue's left end), and drop the entries already counted out among them."""
+        queue, since = self._queue, now - self.overload_wait
+        while queue and (queue[0].future.done() or queue[0].arrived < since):
+            waiter = queue.popleft()
+            if not waiter.future.done():
+                self._settle(waiter, admitted=False)
 
     def _expire(self, waiter: _Waiter) -> None:
         if not waiter.future.done():
-            if waiter.number > self._highest_admitted:  # nobody after it was served first
-                self._missed_at = waiter.future.get_loop().time()
             self._settle(waiter, admitted=False)
 
     def _settle(self, waiter: _Waiter, *, admitted: bool) -> None:

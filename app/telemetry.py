@@ -22,8 +22,8 @@ Instruments (Prometheus names, after the collector's translation, in brackets):
 * mnist.admission.wait, s: how long a prediction request waited for a place in its worker
 * mnist.admission.requests: prediction requests being served and waiting, per worker (a gauge,
   by mnist.state)
-* mnist.admission.overloads: overloads begun, per worker (a standing queue of half the budget,
-  in which the newest waiter is served first and a request expected to miss is refused at once)
+* mnist.admission.overloads: overloads begun, per worker (at a standing queue, until the worker
+  catches up; in one a request waits a tenth of the budget at most, the newest first)
 * mnist.admission.overload.requests: prediction requests that arrived in an overload
 * mnist.queue.wait, s: from enqueue to the start of the request's batch
 * mnist.batch.size: images per inference call
@@ -301,7 +301,7 @@ class Metrics:
             "mnist.admission.overloads",
             callbacks=[self._observe_overloads],
             unit="{overload}",
-            description="Overloads begun: a standing queue of half the latency budget.",
+            description="Overloads begun: a standing queue of most of the latency budget.",
         )
         meter.create_observable_counter(
             "mnist.admission.overload.requests",

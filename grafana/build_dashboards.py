@@ -288,9 +288,9 @@ def inference() -> Dashboard:
             )
         ],
         unit="percentunit",
-        description="Per replica. An overload begins at a standing queue of half the latency "
-        "budget; in it the newest waiter is served first and a request expected to miss the "
-        "budget is refused on arrival (docs/admission.md).",
+        description="Per replica. An overload begins at a standing queue of most of the latency "
+        "budget and lasts until the worker catches up; in it a request waits a tenth of the "
+        "budget at most, the newest first (docs/admission.md).",
     )
     d.panel(
         "Inference time per batch",

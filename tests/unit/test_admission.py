@@ -18,6 +18,7 @@ from app.admission import (
     BUDGET,
     QUEUE_FULL,
     RATE_WINDOW,
+    REENTRY_WINDOW,
     Admission,
     AdmissionMiddleware,
     EdgeClock,
@@ -138,9 +139,10 @@ async def queue_up(gate: Admission, n: int) -> tuple[list[int], list[asyncio.Tas
         await gate.enter(0.0)
         order.append(number)
 
+    before = gate.waiting
     tasks = [asyncio.create_task(wait(number)) for number in range(n)]
     await asyncio.sleep(0)
-    assert gate.waiting == n
+    assert gate.waiting == before + n
     return order, tasks
 
 
@@ -158,6 +160,13 @@ async def serve(gate: Admission, tasks: list[asyncio.Task[None]], service: float
         gate.leave(service)
         await asyncio.sleep(0)
     await asyncio.gather(*tasks)
+
+
+async def all_refused(tasks: list[asyncio.Task[float]]) -> None:
+    """Each of `tasks`, requests that waited, was refused."""
+    for task in tasks:
+        with pytest.raises(Refused):
+            await task
 
 
 def test_free_places_admit_at_once_whatever_the_age() -> None:
@@ -187,25 +196,22 @@ def test_waiters_get_places_in_arrival_order() -> None:
 
 
 # An overload begins at a standing queue: the requests waiting, at the rate answered over the
-# busy period (a tenth of RATE_WINDOW at least), would keep a new one waiting half the budget.
+# busy period (a tenth of RATE_WINDOW at least), would keep a new one waiting most of the budget.
 # Nothing answered for that tenth while requests wait is such a queue.
 STANDING = RATE_WINDOW / 10 + 0.03
 
 
-def test_a_standing_queue_is_an_overload_in_which_the_newest_is_served_first() -> None:
+def test_a_standing_queue_is_an_overload() -> None:
     async def scenario() -> None:
         gate = admission(budget=0.5, max_concurrency=1)
         await gate.enter(0.0)
-        order, tasks = await queue_up(gate, 3)
+        _, tasks = await queue_up(gate, 3)
         assert not gate.overloaded  # a queue, not yet a standing one
         await asyncio.sleep(STANDING)
         assert gate.overloaded
         assert gate.overloads == 1
-        await serve(gate, tasks, 0.001)
-        # The newest first; then, two answers in ~0.13 s against two waiting (a 0.13-s queue,
-        # under half the budget) and no request having missed the budget, arrival order again.
-        assert order == [2, 0, 1]
-        assert not gate.overloaded
+        gate.leave(0.001)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     run(scenario)
 
@@ -213,8 +219,8 @@ def test_a_standing_queue_is_an_overload_in_which_the_newest_is_served_first() -
 def test_a_missed_budget_alone_is_no_overload() -> None:
     async def scenario() -> None:
         # A closed loop's connections keep a short queue standing; a stall makes one request
-        # miss the budget. The others are still served in arrival order, none refused on a
-        # forecast: serving the newest first would starve the oldest past the budget.
+        # miss the budget. The others are still served in arrival order, none refused for
+        # having waited: serving the newest first would starve the oldest past the budget.
         gate = admission(budget=0.2, max_concurrency=1)
         gate.service_time = 0.01
         await gate.enter(0.0)
@@ -229,56 +235,142 @@ def test_a_missed_budget_alone_is_no_overload() -> None:
     run(scenario)
 
 
-def test_waiters_passed_over_do_not_prolong_an_overload() -> None:
+def test_in_an_overload_the_long_waiting_are_refused_and_the_newest_served_first() -> None:
     async def scenario() -> None:
-        gate = admission(budget=0.3, max_concurrency=1)
+        gate = admission(budget=0.5, max_concurrency=1, max_queued=100)  # waits of 50 ms
         await gate.enter(0.0)
-        passed_over = await standing(gate, 2)
-        newest = asyncio.create_task(gate.enter(0.0))
-        await asyncio.sleep(0)
-        gate.leave(0.001)  # the place goes to the newest
-        assert await newest == pytest.approx(0.0, abs=0.05)
-        # The two passed over reach their deadlines. In arrival order they would have been
-        # served: no request missed the budget in order, so the overload ends with the queue.
-        for task in passed_over:
-            with pytest.raises(Refused):
+        oldest = await standing(gate, 8)  # 130 ms waited, each within its 500-ms deadline
+        order, newest = await queue_up(gate, 3)
+        assert gate.overload_arrivals == 3
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await serve(gate, newest, 0.001)
+        # At the first place freed, not at their deadlines, those that have waited longer
+        # than an overload allows are refused; the places go to the newest first.
+        for task in oldest:
+            with pytest.raises(Refused) as refused:
                 await task
-        gate.leave(0.001)
-        assert (gate.active, gate.waiting) == (0, 0)
-        assert not gate.overloaded
+            assert refused.value.reason == BUDGET
+        assert loop.time() - started < 0.05
+        assert order == [2, 1, 0]
+        assert len(gate._queue) == 0  # the refused are dropped from the far end too
 
     run(scenario)
 
 
-def test_waiters_expired_under_lifo_are_dropped_from_the_queue() -> None:
+def test_in_an_overload_a_request_waits_a_tenth_of_the_budget_at_most() -> None:
     async def scenario() -> None:
-        gate = admission(budget=0.3, max_concurrency=1)
+        gate = admission(budget=0.5, max_concurrency=1)
         await gate.enter(0.0)
         oldest = await standing(gate, 3)
-        newest = asyncio.create_task(gate.enter(0.0))
-        for task in oldest:  # passed over: they reach their deadlines
-            with pytest.raises(Refused):
-                await task
-        assert gate.overload_arrivals == 1
-        gate.leave(0.001)  # the place goes to the newest, from the far end
-        await newest
-        assert len(gate._queue) == 0  # and the expired ones at the near end are gone too
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(Refused) as refused:
+            await gate.enter(0.0)  # no place frees: refused after 50 ms, not after 500
+        assert refused.value.reason == BUDGET
+        assert 0.04 <= loop.time() - started < 0.3
+        gate.leave(0.001)
+        await all_refused(oldest)
 
     run(scenario)
 
 
-def test_a_request_missing_the_budget_in_order_prolongs_an_overload() -> None:
+def test_in_an_overload_a_new_request_is_not_refused_for_the_queue_ahead_of_it() -> None:
     async def scenario() -> None:
-        gate = admission(budget=0.3, max_concurrency=1)
+        # Newest first, a new request is next in line whatever the queue: a forecast from its
+        # place in arrival order would refuse the newest and serve the oldest, at the edge of
+        # the budget.
+        gate = admission(budget=0.5, max_concurrency=2, max_queued=100)
+        gate.service_time = 0.1
+        for _ in range(2):
+            await gate.enter(0.0)
+        oldest = await standing(gate, 20)  # in arrival order, 20 x 100 ms / 2 ahead of it
+        newest = asyncio.create_task(gate.enter(0.0))
+        await asyncio.sleep(0)
+        assert not newest.done()
+        gate.leave(0.1)
+        assert await newest == pytest.approx(0.0, abs=0.03)
+        await all_refused(oldest)
+
+    run(scenario)
+
+
+def test_an_overload_ends_when_the_worker_catches_up() -> None:
+    async def scenario() -> None:
+        gate = admission(budget=0.5, max_concurrency=1)
         await gate.enter(0.0)
-        (waiter,) = await standing(gate, 1)
-        with pytest.raises(Refused):
-            await gate.enter(0.3)  # too old to wait, refused at once: a miss in arrival order
-        gate.leave(0.001)
-        await waiter
-        gate.leave(0.001)
+        oldest = await standing(gate, 2)
+        gate.leave(0.001)  # the two have waited too long; nobody is left to take the place
+        await all_refused(oldest)
         assert (gate.active, gate.waiting) == (0, 0)
-        assert gate.overloaded  # for OVERLOAD_WINDOW after that miss, queue or none
+        assert not gate.overloaded
+        assert gate.overloads == 1
+        # Arrival order and whole deadlines again; a place free is taken whatever the age.
+        assert await gate.enter(5.0) == 0.0
+        order, tasks = await queue_up(gate, 3)
+        await serve(gate, tasks, 0.001)
+        assert order == [0, 1, 2]
+        assert gate.overloads == 1
+
+    run(scenario)
+
+
+async def queue_at_rate(gate: Admission) -> tuple[bool, list[asyncio.Task[float]]]:
+    """With one of `gate`'s two places held: ten answers, then 25 requests waiting for 0.12 s.
+    At the rate answered (ten in the busy period's 0.12 s), a queue of ~0.3 s: over half of a
+    500-ms budget, under 80 % of it. Whether that is an overload, and the waiters."""
+    await gate.enter(0.0)  # held throughout: the busy period begins
+    for _ in range(10):
+        await gate.enter(0.0)
+        gate.leave(0.001)
+    tasks = [asyncio.create_task(gate.enter(0.0)) for _ in range(26)]  # the first is served
+    await asyncio.sleep(0.12)
+    assert gate.waiting == 25
+    return gate.overloaded, tasks
+
+
+def test_soon_after_an_overload_ends_a_short_standing_queue_begins_the_next() -> None:
+    async def scenario() -> None:
+        gate = admission(budget=0.5, max_concurrency=2, max_queued=100)
+        for _ in range(2):
+            await gate.enter(0.0)
+        (oldest,) = await standing(gate, 1)
+        gate.leave(0.001)  # the waiter is refused; a place is free: the overload ends
+        with pytest.raises(Refused):
+            await oldest
+        gate.leave(0.001)
+        assert not gate.overloaded
+        overloaded, tasks = await queue_at_rate(gate)
+        assert overloaded  # within REENTRY_WINDOW of the end: a shorter queue will do
+        assert gate.overloads == 2
+        for _ in range(2):  # the first refuses the 25, who have waited too long
+            gate.leave(0.001)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert (gate.active, gate.waiting) == (0, 0)
+        assert not gate.overloaded
+        await asyncio.sleep(REENTRY_WINDOW)
+        overloaded, tasks = await queue_at_rate(gate)
+        assert not overloaded  # later, most of the budget again
+        for _ in range(27):  # the 25 are served, then the two places freed
+            gate.leave(0.001)
+        await asyncio.gather(*tasks)
+        assert (gate.active, gate.waiting, gate.overloads) == (0, 0, 2)
+
+    run(scenario)
+
+
+def test_a_waiter_whose_timer_is_late_is_not_given_a_place_past_its_deadline() -> None:
+    async def scenario() -> None:
+        gate = admission(budget=0.2, max_concurrency=1)
+        gate.service_time = 0.1
+        await gate.enter(0.0)
+        waiter = asyncio.create_task(gate.enter(0.05))  # 50 ms of patience
+        await asyncio.sleep(0)
+        time.sleep(0.08)  # noqa: ASYNC251 (the event loop busy past the waiter's deadline)
+        gate.leave(0.1)  # and a place frees before its timer could run
+        with pytest.raises(Refused):
+            await waiter
+        assert (gate.active, gate.waiting) == (0, 0)
 
     run(scenario)
 
@@ -318,53 +410,6 @@ def test_the_expected_service_time_is_part_of_the_deadline() -> None:
             # 300 ms budget - 100 ms of service, first in line (100 ms): 100 ms to wait at most
             await gate.enter(0.0)
         assert 0.09 <= loop.time() - started < 0.25
-
-    run(scenario)
-
-
-def test_in_an_overload_a_request_expected_to_miss_is_refused_at_once() -> None:
-    async def scenario() -> None:
-        gate = admission(budget=0.5, max_concurrency=2, max_queued=100)
-        gate.service_time = 0.1
-        for _ in range(2):
-            await gate.enter(0.0)
-        # Each waiter expects (place in line) x 100 ms / 2 of waiting, and 100 ms of service.
-        waiters = [asyncio.create_task(gate.enter(0.0)) for _ in range(8)]
-        await asyncio.sleep(0)
-        # No overload yet: the 8th, which cannot make 500 ms, is not refused on a forecast.
-        assert gate.waiting == 8
-        await asyncio.sleep(STANDING)  # nothing answered: a standing queue, an overload
-        assert gate.overloaded
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        with pytest.raises(Refused) as refused:
-            # It may wait 400 ms (the budget less the service), and the 9th in line expects
-            # 450 ms. In an overload that is refused at once.
-            await gate.enter(0.0)
-        assert refused.value.reason == BUDGET
-        assert loop.time() - started < 0.05
-        for _ in range(10):
-            gate.leave(0.1)
-        await asyncio.gather(*waiters)
-
-    run(scenario)
-
-
-def test_in_an_overload_a_late_request_is_refused_even_with_a_place_free() -> None:
-    async def scenario() -> None:
-        gate = admission(budget=0.2, max_concurrency=1)
-        await gate.enter(0.0)
-        waiter = asyncio.create_task(gate.enter(0.0))
-        await asyncio.sleep(STANDING)
-        with pytest.raises(Refused):
-            await gate.enter(0.2)  # too old to wait, refused at once: a miss in order
-        gate.leave(0.001)
-        await waiter
-        gate.leave(0.001)
-        with pytest.raises(Refused) as refused:
-            await gate.enter(0.25)  # a place is free, but the request is already late
-        assert refused.value.reason == BUDGET
-        assert await gate.enter(0.1) == 0.0  # one still in time is served
 
     run(scenario)
 
