@@ -1,5 +1,6 @@
-"""Admission by time: a prediction request is refused only when it can no longer be answered
-within the latency budget (`LATENCY_BUDGET_MS`); every other request is queued and served.
+"""Admission by time: a prediction request is refused when it can no longer be answered within
+the latency budget (`LATENCY_BUDGET_MS`), or in an overload, when newer requests take the places
+it waited for; every other request is queued and served.
 
 Each worker serves at most `max_concurrency` prediction requests at once. The others wait, in
 arrival order, for a free place: a waiting request is a future on a queue and costs no CPU. Its
@@ -10,7 +11,9 @@ here is part of it. It is refused with 503 and Retry-After, before its body is r
 * while it waits, at the moment it could no longer be answered in time (its deadline);
 * on arrival, when it would have to wait and is already too old to be answered in time;
 * on arrival, when `max_queued` requests already wait: a bound on memory, set far above what
-  the budget lets wait.
+  the budget lets wait;
+* in an overload, when more arrive than can be answered in time: after waiting a tenth of the
+  budget, so that those answered are the newest.
 
 An overload begins when the requests waiting, served at the rate this worker answered over the
 last second, would keep a new arrival waiting most of the budget (a standing queue no closed
@@ -19,8 +22,8 @@ nobody waits. For a while after that, half the budget begins the next. In it, as
 Scale" (CoDel's short queue timeout with adaptive LIFO):
 
 * a request waits a tenth of the budget at most (`OVERLOAD_WAIT_SHARE`); those waiting longer
-  when the overload begins are refused at once. So the answered are answered well within the
-  budget, the refused are refused quickly, and the worker still never runs dry;
+  when the overload begins are refused at the first place freed. So the answered are answered
+  well within the budget, the refused are refused quickly, and the worker never runs dry;
 * the newest waiter gets the next free place (adaptive LIFO);
 * deadlines allow for a slow answer, not an average one, as a starved event loop answers late.
 
@@ -36,6 +39,7 @@ docs/admission.md says why, and why not an adaptive concurrency limit.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -122,6 +126,7 @@ class _Waiter:
     arrived: float  # the event loop's time when it began to wait
     deadline: float  # and the last moment at which it can be given a place
     timer: asyncio.TimerHandle | None = field(default=None)
+    out: bool = False  # counted out of `waiting`: given a place, refused or cancelled
 
 
 class Refused(Exception):
@@ -175,7 +180,7 @@ class Admission:
         self.overload_arrivals = 0  # requests that arrived in an overload
         self.overload_wait = OVERLOAD_WAIT_SHARE * budget  # the longest wait in an overload
         self._in_overload = False
-        self._overload_ended = -REENTRY_WINDOW  # when the last overload ended
+        self._overload_ended = -math.inf  # when the last overload ended
         self._answered: deque[float] = deque()  # when each answer of the last RATE_WINDOW ended
         self._busy_since = 0.0  # when the worker last went from idle to busy
         self._queue: deque[_Waiter] = deque()  # in arrival order
@@ -213,7 +218,7 @@ class Admission:
             admitted = await waiter.future
         except asyncio.CancelledError:
             if waiter.future.cancelled():  # cancelled while it waited
-                self._forget(waiter)
+                self._count_out(waiter)
             elif waiter.future.result():  # given a place, then cancelled: give it back
                 self.leave(0.0, record=False)
             raise
@@ -244,14 +249,15 @@ class Admission:
             take = queue.pop if newest_first else queue.popleft
             while queue:
                 waiter = take()
-                if waiter.future.done():  # refused or cancelled: already counted out
+                if waiter.future.done():  # refused, or cancelled (its task may not know yet)
+                    self._count_out(waiter)
                     continue
                 if waiter.deadline <= now:  # its timer is late (a busy event loop)
                     self._settle(waiter, admitted=False)
                     continue
                 self._settle(waiter, admitted=True)
                 return  # the place goes straight to the waiter: `active` is unchanged
-        queue.clear()  # nobody waits: what is left was refused or cancelled
+        queue.clear()  # nobody waits: what is left is counted out
         self.active -= 1
         self._update_overload(now)  # a place free and nobody waiting: caught up
 
@@ -299,27 +305,33 @@ class Admission:
 
     def _refuse_long_waiting(self, now: float) -> None:
         """Refuse the waiters that have waited longer than an overload allows (the oldest, at
-        the queue's left end), and drop the entries already counted out among them."""
+        the queue's left end), and drop the entries done among them."""
         queue, since = self._queue, now - self.overload_wait
         while queue and (queue[0].future.done() or queue[0].arrived < since):
             waiter = queue.popleft()
-            if not waiter.future.done():
+            if waiter.future.done():
+                self._count_out(waiter)
+            else:
                 self._settle(waiter, admitted=False)
 
     def _expire(self, waiter: _Waiter) -> None:
         if not waiter.future.done():
             self._settle(waiter, admitted=False)
+        queue = self._queue  # the refused are mostly the oldest: drop them from the left
+        while queue and queue[0].future.done():
+            self._count_out(queue.popleft())
 
     def _settle(self, waiter: _Waiter, *, admitted: bool) -> None:
-        self.waiting -= 1
-        if waiter.timer is not None:
-            waiter.timer.cancel()
+        self._count_out(waiter)
         waiter.future.set_result(admitted)
 
-    def _forget(self, waiter: _Waiter) -> None:
-        self.waiting -= 1
-        if waiter.timer is not None:
-            waiter.timer.cancel()
+    def _count_out(self, waiter: _Waiter) -> None:
+        """Take `waiter` out of `waiting`, once, and cancel its timer."""
+        if not waiter.out:
+            waiter.out = True
+            self.waiting -= 1
+            if waiter.timer is not None:
+                waiter.timer.cancel()
 
 
 class AdmissionMiddleware:
@@ -377,11 +389,11 @@ class AdmissionMiddleware:
             trace_step(arrived, edge_age, refused.reason)
             await send_copies(send, self._responses[refused.reason])
             return
-        if self.on_admit is not None:
-            self.on_admit(edge_age, waited)
         started = time.perf_counter()
-        trace_step(arrived, edge_age, None, started)
         try:
+            if self.on_admit is not None:
+                self.on_admit(edge_age, waited)
+            trace_step(arrived, edge_age, None, started)
             await self.app(scope, receive, send)
         finally:
             self.admission.leave(time.perf_counter() - started)

@@ -61,14 +61,15 @@ class Settings(BaseSettings):
         le=60_000.0,
         description="A prediction request that could not be answered within this long from "
         "the moment the edge forwarded it is refused with 503 and Retry-After, before its "
-        "body is read; every other request is queued and served.",
+        "body is read; every other request is queued and served, except in an overload, "
+        "where the newest are served first and none waits over a tenth of this.",
     )
     max_concurrency: int = Field(
         default=16,
         ge=1,
         le=4096,
         description="Prediction requests one worker serves at once; the others wait for a "
-        "place, in arrival order, without using the CPU.",
+        "place (in arrival order, newest first in an overload) without using the CPU.",
     )
     max_queued: int = Field(
         default=1024,

@@ -301,6 +301,7 @@ def test_an_overload_ends_when_the_worker_catches_up() -> None:
         await gate.enter(0.0)
         oldest = await standing(gate, 2)
         gate.leave(0.001)  # the two have waited too long; nobody is left to take the place
+        assert not gate._in_overload  # that place, given to nobody, ended it
         await all_refused(oldest)
         assert (gate.active, gate.waiting) == (0, 0)
         assert not gate.overloaded
@@ -467,6 +468,23 @@ def test_a_cancelled_waiter_leaves_the_queue_and_loses_no_place() -> None:
         with pytest.raises(asyncio.CancelledError):
             await late
         assert (gate.active, gate.waiting) == (0, 0)
+
+    run(scenario)
+
+
+def test_a_waiter_cancelled_before_its_task_resumes_loses_no_place() -> None:
+    async def scenario() -> None:
+        gate = admission(max_concurrency=1)
+        await gate.enter(0.0)
+        gone = asyncio.create_task(gate.enter(0.0))
+        await asyncio.sleep(0)
+        gone.cancel()  # its future is cancelled at once; its task resumes later
+        gate.leave(0.0)  # and a place frees in between
+        assert (gate.active, gate.waiting) == (0, 0)
+        assert await gate.enter(0.0) == 0.0  # the next request takes the free place
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert (gate.active, gate.waiting) == (1, 0)
 
     run(scenario)
 
