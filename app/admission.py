@@ -23,7 +23,8 @@ Scale" (CoDel's short queue timeout with adaptive LIFO):
 
 * a request waits a tenth of the budget at most (`OVERLOAD_WAIT_SHARE`); those waiting longer
   when the overload begins are refused at the first place freed. So the answered are answered
-  well within the budget, the refused are refused quickly, and the worker never runs dry;
+  well within the budget, the refused are refused quickly, and enough still wait to fill the
+  places that free;
 * the newest waiter gets the next free place (adaptive LIFO);
 * deadlines allow for a slow answer, not an average one, as a starved event loop answers late.
 
