@@ -7,6 +7,7 @@ time, where it would be loaded in the master and shared, with its threads, by fo
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -68,10 +69,17 @@ def create_app(
         metrics.watch_queue(lambda: classifier.batcher.depth)
         await classifier.start()
         app.state.classifier = classifier
+        # What exists now (modules, the app, the model, the telemetry) lives as long as the
+        # worker: out of the cyclic collector's sight from here on. Under load, requests that
+        # wait outlive the young generations and set off full collections; each would
+        # otherwise traverse all of it, stalling the event loop (docs/design.md).
+        gc.collect()
+        gc.freeze()
         log.info("ready: model %s on %s", model.info.version, model.info.runtime)
         try:
             yield
         finally:
+            gc.unfreeze()
             metrics.stopping = True  # in the final export below
             await classifier.stop()
             trace_slot.tracer = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import os
 import socket
@@ -57,6 +58,18 @@ def test_blank_image_is_answered_with_low_confidence(client: TestClient) -> None
     body = client.post("/predict", **upload(blank)).json()  # type: ignore[arg-type]
     assert body["low_confidence"] is True
     assert "blank" in body["warning"]
+
+
+def test_what_start_up_made_is_frozen_out_of_the_collector_while_the_app_serves(
+    settings: Settings,
+) -> None:
+    app = create_app(settings, model_loader=lambda _s: FakeModel())
+    assert gc.get_freeze_count() == 0
+    with TestClient(app) as client:
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000  # the modules, the app and the model, not a handful
+        assert client.post("/predict", **upload(DIGIT)).status_code == 200  # type: ignore[arg-type]
+    assert gc.get_freeze_count() == 0  # given back at shutdown
 
 
 def test_low_confidence_threshold_is_applied(settings: Settings) -> None:
