@@ -4,7 +4,7 @@
 #   make format    ruff's fixes and formatting (pre-commit runs the same checks: .pre-commit-config.yaml)
 #   make train     retrain and re-export the model (model/), ~15 min on 2 cores
 #   make serve     one replica on http://127.0.0.1:8000 (gunicorn, 2 workers)
-#   make bench     the standard scenarios against the running cluster (BENCH_QUICK=1: ~1.5 min)
+#   make bench     the standard scenarios against the running cluster (BENCH_QUICK=1: ~2 min)
 #   make bench-replica  one replica vs its no-model ceiling, with wrk
 #   make soak      mixed uploads at half the saturation for SOAK_MINUTES (30): errors, memory, p99
 #   make bench-inflight  latency against requests in progress on one replica (the autoscaler's target)

@@ -9,6 +9,7 @@ overload), not performance figures: those are the benchmark's output, quoted fro
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,10 @@ SCENARIOS = {
     "concurrency",
     "ceiling",
     "ratio",
+    "closed_round",
     "open_search",
     "open_loop",
+    "overload_base",
     "overload",
     "payload",
     "replica",
@@ -102,6 +105,21 @@ def test_quick_bench_measures_every_scenario(stack: Stack, tmp_path: Path) -> No
     assert 0 < open_saturation["throughput"] <= saturation["throughput"]
     overload = next(r for r in records if r["scenario"] == "overload")
     assert overload["rate"] == round(2 * open_saturation["throughput"], 1)
+    # The targets' ratios and the 2x goodput come from alternated rounds (one in the quick plan).
+    rounds = [r["concurrency"] for r in records if r["scenario"] == "closed_round"]
+    sweep = sorted(r["concurrency"] for r in records if r["scenario"] == "concurrency")
+    assert (
+        sorted(rounds) == [c for c in sweep if c >= 32] == summary["closed_rounds"]["concurrency"]
+    )
+    assert set(summary["closed_rounds"]["median"]) == {"256_of_best", "1024_of_64"}
+    base = next(r for r in records if r["scenario"] == "overload_base")
+    assert base["rate"] == round(open_saturation["throughput"], 1)
+    found = summary["overload_rounds"]
+    assert found["goodput_per_round"] == [
+        round(overload["throughput"] / open_saturation["throughput"], 3)
+    ]
+    assert found["goodput"] == statistics.median(found["goodput_per_round"])
+    assert len(found["round_base_answered_in_full"]) == 1
     assert set(summary["targets"]) == {
         "closed_loop_8_to_256_non_2xx",
         "closed_loop_256_of_best",
