@@ -480,9 +480,9 @@ class Bench:
         ratios are of single runs up to a minute apart, and the best of seven such runs is
         biased high; the targets are judged on the medians of the rounds' ratios: 256 against
         the best of its own round (still the highest of five runs, so biased too, less), 1,024
-        against 64 (benchmarks/README.md). Each run starts
-        after a pause longer than an overload's aftermath in the replicas (REENTRY_WINDOW,
-        app/admission.py), so that none inherits the one before it."""
+        against 64 (benchmarks/README.md). Each run starts after a pause longer than an
+        overload's aftermath in the replicas (REENTRY_WINDOW, app/admission.py), so that none
+        inherits the one before it."""
         plan = self.plan
         sweep = [r["concurrency"] for r in self.records if r["scenario"] == "concurrency"]
         points = [c for c in sweep if c >= 32]
