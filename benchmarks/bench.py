@@ -705,6 +705,16 @@ def overload_costs(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     return costs
 
 
+def not_deliberate(runs: list[dict[str, Any]]) -> dict[str, int]:
+    """The non-2xx answers of `runs` other than the deliberate refusals, summed by status."""
+    found: dict[str, int] = {}
+    for r in runs:
+        for status, n in r["errors_by_status"].items():
+            if status not in DELIBERATE:
+                found[status] = found.get(status, 0) + n
+    return found
+
+
 def targets(
     records: list[dict[str, Any]],
     closed_rounds: dict[str, Any],
@@ -746,11 +756,7 @@ def targets(
         }
     if "1024_of_64" in medians:
         runs = [r for r in closed if r["concurrency"] == 1024]
-        others: dict[str, int] = {}
-        for r in runs:
-            for status, n in r["errors_by_status"].items():
-                if status not in DELIBERATE:
-                    others[status] = others.get(status, 0) + n
+        others = not_deliberate(runs)
         ratio = medians["1024_of_64"]
         p99 = max(r["latency_ms"]["p99"] for r in runs)
         found["closed_loop_1024"] = {
@@ -779,11 +785,7 @@ def targets(
         "met": not any(refused_open.values()),
     }
     overloads = [r for r in records if r["scenario"] == "overload"]
-    unexpected: dict[str, int] = {}
-    for r in overloads:
-        for status, n in r["errors_by_status"].items():
-            if status not in DELIBERATE:
-                unexpected[status] = unexpected.get(status, 0) + n
+    unexpected = not_deliberate(overloads)
     p99s = [r["answered_latency_ms"].get("p99", float("inf")) for r in overloads]
     goodput = overload_rounds["goodput"]
     found["overload_2x"] = {
