@@ -15,11 +15,11 @@ here is part of it. It is refused with 503 and Retry-After, before its body is r
 * in an overload, when more arrive than can be answered in time: after waiting a tenth of the
   budget, so that those answered are the newest.
 
-An overload begins when the requests waiting, served at the rate this worker answered over the
-last second, would keep a new arrival waiting most of the budget (a standing queue no closed
-loop of a healthy cluster forms), and ends when the worker has caught up: a place is free and
-nobody waits. For a while after that, half the budget begins the next. In it, as in "Fail at
-Scale" (CoDel's short queue timeout with adaptive LIFO):
+An overload begins when the requests waiting, served at the rate this worker answered while
+busy over the last second, would keep a new arrival waiting most of the budget (a standing
+queue no closed loop of a healthy cluster forms), and ends when the worker has caught up: a
+place is free and nobody waits. For a while after that, half the budget begins the next. In
+it, as in "Fail at Scale" (CoDel's short queue timeout with adaptive LIFO):
 
 * a request waits a tenth of the budget at most (`OVERLOAD_WAIT_SHARE`); those waiting longer
   when the overload begins are refused at the first place freed. So the answered are answered
@@ -139,7 +139,7 @@ class Refused(Exception):
 
 
 # An overload begins at a standing queue of STANDING_SHARE of the budget (the requests waiting,
-# drained at the rate answered over the last RATE_WINDOW s of the busy period), or of
+# drained at the rate answered per second busy over the last RATE_WINDOW s), or of
 # REENTRY_SHARE within REENTRY_WINDOW s of the last one's end, and ends when the worker catches
 # up; in it a request waits OVERLOAD_WAIT_SHARE of the budget at most. docs/admission.md has
 # the measurements behind them.
@@ -183,7 +183,10 @@ class Admission:
         self._in_overload = False
         self._overload_ended = -math.inf  # when the last overload ended
         self._answered: deque[float] = deque()  # when each answer of the last RATE_WINDOW ended
-        self._busy_since = 0.0  # when the worker last went from idle to busy
+        self._busy_since: float | None = None  # when the worker went from idle to busy, if busy
+        # The busy periods (start, end) that ended within the last RATE_WINDOW, and their total.
+        self._busy_periods: deque[tuple[float, float]] = deque()
+        self._busy_periods_total = 0.0
         self._queue: deque[_Waiter] = deque()  # in arrival order
 
     async def enter(self, edge_age: float) -> float:
@@ -260,6 +263,11 @@ class Admission:
                 return  # the place goes straight to the waiter: `active` is unchanged
         queue.clear()  # nobody waits: what is left is counted out
         self.active -= 1
+        if not self.active and self._busy_since is not None:  # idle: the busy period ends
+            self._busy_periods.append((self._busy_since, now))
+            self._busy_periods_total += now - self._busy_since
+            self._busy_since = None
+            self._busy_time(now)  # drops the periods that ended before the window
         self._update_overload(now)  # a place free and nobody waiting: caught up
 
     @property
@@ -278,12 +286,18 @@ class Admission:
         return self._in_overload
 
     def _standing(self, now: float) -> bool:
-        """Whether the requests waiting, served at the rate answered over the last RATE_WINDOW
-        of this busy period, would keep a new arrival waiting STANDING_SHARE of the budget. A
+        """Whether the requests waiting, served at the rate answered per second busy over the
+        last RATE_WINDOW, would keep a new arrival waiting STANDING_SHARE of the budget. A
         closed loop holds its connections' requests standing by design; one within the budget's
-        reach stays below this, as a burst does. The rate is read over a tenth of the window
-        at least, so a burst after an idle spell is no overload, and no answer at all in that
-        time while requests wait is one.
+        reach stays below this, as a burst does.
+
+        The rate counts busy time only: an idle spell does not lower it, and the moments a
+        closed loop's worker goes idle between batches do not cut its window short. It is read
+        from a round of answers (one per place) over a tenth of the window at least. Fewer
+        answers say little of the rate: the first of a busy period wait on its first batches
+        and on the connections opened with it, tenths of a second on a busy host. Short of a
+        round, only a queue that has stood busy for the onset's share of the budget is one (as
+        is no answer at all in that time while requests wait).
 
         Within REENTRY_WINDOW of an overload's end the share is REENTRY_SHARE: under a load
         that goes on exceeding what it answers, a worker still catches up now and then, and
@@ -291,18 +305,34 @@ class Admission:
         budget, before the next overload began. REENTRY_SHARE is still above the queue a closed
         loop holds at the loads the budget is set for (docs/admission.md), so that loop's own
         standing requests do not renew an overload that a stall set off."""
-        start = max(now - RATE_WINDOW, self._busy_since)
-        answered = self._answered
-        while answered and answered[0] <= start:
+        answered, since = self._answered, now - RATE_WINDOW
+        while answered and answered[0] <= since:
             answered.popleft()
-        window = now - start
-        if not self.waiting or window < RATE_WINDOW / 10:
+        if not self.waiting:
             return False
         share = STANDING_SHARE
         if now - self._overload_ended < REENTRY_WINDOW:
             share = REENTRY_SHARE
-        # waiting / (answers / window) >= share x budget
-        return self.waiting * window >= share * self.budget * len(answered)
+        busy = self._busy_time(now)
+        a_round = len(answered) >= self.max_concurrency
+        least = RATE_WINDOW / 10 if a_round else share * self.budget
+        # waiting / (answers / busy) >= share x budget
+        return busy >= least and self.waiting * busy >= share * self.budget * len(answered)
+
+    def _busy_time(self, now: float) -> float:
+        """The time this worker was busy (a request in progress) in the last RATE_WINDOW."""
+        periods, since = self._busy_periods, now - RATE_WINDOW
+        while periods and periods[0][1] <= since:
+            start, end = periods.popleft()
+            self._busy_periods_total -= end - start
+        if not periods:
+            self._busy_periods_total = 0.0  # no rounding error carried over
+        busy = self._busy_periods_total
+        if periods and periods[0][0] < since:
+            busy -= since - periods[0][0]
+        if self._busy_since is not None:
+            busy += now - max(self._busy_since, since)
+        return busy
 
     def _refuse_long_waiting(self, now: float) -> None:
         """Refuse the waiters that have waited longer than an overload allows (the oldest, at

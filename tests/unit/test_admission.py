@@ -19,6 +19,7 @@ from app.admission import (
     QUEUE_FULL,
     RATE_WINDOW,
     REENTRY_WINDOW,
+    STANDING_SHARE,
     Admission,
     AdmissionMiddleware,
     EdgeClock,
@@ -195,10 +196,11 @@ def test_waiters_get_places_in_arrival_order() -> None:
     run(scenario)
 
 
-# An overload begins at a standing queue: the requests waiting, at the rate answered over the
-# busy period (a tenth of RATE_WINDOW at least), would keep a new one waiting most of the budget.
-# Nothing answered for that tenth while requests wait is such a queue.
-STANDING = RATE_WINDOW / 10 + 0.03
+# An overload begins at a standing queue: the requests waiting, at the rate answered per second
+# busy (from a round of answers over a tenth of RATE_WINDOW at least), would keep a new one
+# waiting most of the budget. Short of a round of answers in that much of the 500-ms budget while
+# requests wait is such a queue.
+STANDING = STANDING_SHARE * 0.5 + 0.03
 
 
 def test_a_standing_queue_is_an_overload() -> None:
@@ -212,6 +214,58 @@ def test_a_standing_queue_is_an_overload() -> None:
         assert gate.overloads == 1
         gate.leave(0.001)
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    run(scenario)
+
+
+def test_a_slow_start_short_of_a_round_of_answers_is_no_overload_until_it_stands() -> None:
+    async def scenario() -> None:
+        # A closed loop's connections reach an idle worker at once: its first answers wait on
+        # the batches and on the new connections. One answer in ~0.2 s is no rate to forecast
+        # from; the same queue still standing at 80 % of the budget is an overload.
+        gate = admission(budget=0.5, max_concurrency=4, max_queued=100)
+        for _ in range(4):
+            await gate.enter(0.0)
+        _, tasks = await queue_up(gate, 6)
+        await asyncio.sleep(0.2)
+        gate.leave(0.2)  # one answer; its place goes to the first waiter
+        assert not gate.overloaded  # under the old forecast: 5 x 0.2 s >= 0.4 s x 1 answer
+        await asyncio.sleep(STANDING - 0.2)
+        assert gate.overloaded
+        for _ in range(9):
+            gate.leave(0.001)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    run(scenario)
+
+
+def test_idle_moments_between_batches_do_not_cut_the_rate_short() -> None:
+    async def scenario() -> None:
+        # A closed loop's worker goes idle for moments between batches. The rate is what it
+        # answered per second busy over the last second, so a stall just after such a moment
+        # is judged against the second's answers, not against the few since.
+        gate = admission(budget=0.5, max_concurrency=2, max_queued=100)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while loop.time() - started < 0.5:  # ~40 answers in batches of 2, idle in between
+            for _ in range(2):
+                await gate.enter(0.0)
+            await asyncio.sleep(0.01)
+            for _ in range(2):
+                gate.leave(0.01)
+            await asyncio.sleep(0.002)
+        assert len(gate._answered) >= 2 * gate.max_concurrency
+        for _ in range(2):
+            await gate.enter(0.0)
+        _, tasks = await queue_up(gate, 5)
+        await asyncio.sleep(0.15)  # a stall: nothing answered, five waiting
+        # The old window began with this busy period: five waiting, none answered in 0.15 s.
+        assert not gate.overloaded
+        for _ in range(7):
+            gate.leave(0.001)
+        await asyncio.gather(*tasks)
+        assert gate.overloads == 0
+        assert gate._busy_time(loop.time()) <= RATE_WINDOW
 
     run(scenario)
 
@@ -281,10 +335,10 @@ def test_in_an_overload_a_new_request_is_not_refused_for_the_queue_ahead_of_it()
         # place in arrival order would refuse the newest and serve the oldest, at the edge of
         # the budget.
         gate = admission(budget=0.5, max_concurrency=2, max_queued=100)
-        gate.service_time = 0.1
         for _ in range(2):
             await gate.enter(0.0)
-        oldest = await standing(gate, 20)  # in arrival order, 20 x 100 ms / 2 ahead of it
+        oldest = await standing(gate, 20)
+        gate.service_time = 0.1  # in arrival order, 20 x 100 ms / 2 ahead of a new request
         newest = asyncio.create_task(gate.enter(0.0))
         await asyncio.sleep(0)
         assert not newest.done()
@@ -306,8 +360,14 @@ def test_an_overload_ends_when_the_worker_catches_up() -> None:
         assert (gate.active, gate.waiting) == (0, 0)
         assert not gate.overloaded
         assert gate.overloads == 1
-        # Arrival order and whole deadlines again; a place free is taken whatever the age.
+        # A place free is taken whatever the age.
         assert await gate.enter(5.0) == 0.0
+        gate.leave(0.001)
+        # Once the stall's busy time has left the rate's window, arrival order and whole
+        # deadlines again (within it, one answer in 0.43 s busy makes three waiting a
+        # standing queue).
+        await asyncio.sleep(RATE_WINDOW)
+        await gate.enter(0.0)
         order, tasks = await queue_up(gate, 3)
         await serve(gate, tasks, 0.001)
         assert order == [0, 1, 2]
@@ -318,8 +378,8 @@ def test_an_overload_ends_when_the_worker_catches_up() -> None:
 
 async def queue_at_rate(gate: Admission) -> tuple[bool, list[asyncio.Task[float]]]:
     """With one of `gate`'s two places held: ten answers, then 25 requests waiting for 0.12 s.
-    At the rate answered (ten in the busy period's 0.12 s), a queue of ~0.3 s: over half of a
-    500-ms budget, under 80 % of it. Whether that is an overload, and the waiters."""
+    At the rate answered (ten in the last second's 0.12 s busy), a queue of ~0.3 s: over half
+    of a 500-ms budget, under 80 % of it. Whether that is an overload, and the waiters."""
     await gate.enter(0.0)  # held throughout: the busy period begins
     for _ in range(10):
         await gate.enter(0.0)
@@ -341,6 +401,7 @@ def test_soon_after_an_overload_ends_a_short_standing_queue_begins_the_next() ->
             await oldest
         gate.leave(0.001)
         assert not gate.overloaded
+        await asyncio.sleep(RATE_WINDOW)  # the stall's busy time leaves the rate's window
         overloaded, tasks = await queue_at_rate(gate)
         assert overloaded  # within REENTRY_WINDOW of the end: a shorter queue will do
         assert gate.overloads == 2
