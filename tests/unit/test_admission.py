@@ -198,8 +198,8 @@ def test_waiters_get_places_in_arrival_order() -> None:
 
 # An overload begins at a standing queue: the requests waiting, at the rate answered per second
 # busy (from a round of answers over a tenth of RATE_WINDOW at least), would keep a new one
-# waiting most of the budget. Short of a round of answers in that much of the 500-ms budget while
-# requests wait is such a queue.
+# waiting most of the budget. With no answer at all, requests that have waited that much of the
+# 500-ms budget, the worker busy throughout, are such a queue.
 STANDING = STANDING_SHARE * 0.5 + 0.03
 
 
