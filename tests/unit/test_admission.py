@@ -376,15 +376,19 @@ def test_an_overload_ends_when_the_worker_catches_up() -> None:
     run(scenario)
 
 
-async def queue_at_rate(gate: Admission) -> tuple[bool, list[asyncio.Task[float]]]:
-    """With one of `gate`'s two places held: ten answers, then 25 requests waiting for 0.12 s.
-    At the rate answered (ten in the last second's 0.12 s busy), a queue of ~0.3 s: over half
-    of a 500-ms budget, under 80 % of it. Whether that is an overload, and the waiters."""
+async def queue_at_rate(
+    gate: Admission, oldest_age: float = 0.0
+) -> tuple[bool, list[asyncio.Task[float]]]:
+    """With one of `gate`'s two places held: ten answers, then 25 requests waiting for 0.12 s,
+    the first of them `oldest_age` old on arrival. At the rate answered (ten in the last
+    second's 0.12 s busy), a queue of ~0.3 s: over half of a 500-ms budget, under 80 % of it.
+    Whether that is an overload, and the waiters."""
     await gate.enter(0.0)  # held throughout: the busy period begins
     for _ in range(10):
         await gate.enter(0.0)
         gate.leave(0.001)
-    tasks = [asyncio.create_task(gate.enter(0.0)) for _ in range(26)]  # the first is served
+    ages = [0.0, oldest_age] + [0.0] * 24  # the first is served
+    tasks = [asyncio.create_task(gate.enter(age)) for age in ages]
     await asyncio.sleep(0.12)
     assert gate.waiting == 25
     return gate.overloaded, tasks
@@ -417,6 +421,24 @@ def test_soon_after_an_overload_ends_a_short_standing_queue_begins_the_next() ->
             gate.leave(0.001)
         await asyncio.gather(*tasks)
         assert (gate.active, gate.waiting, gate.overloads) == (0, 0, 2)
+
+    run(scenario)
+
+
+def test_a_queue_whose_oldest_would_be_answered_late_begins_an_overload_sooner() -> None:
+    async def scenario() -> None:
+        # At a load step the forecast (the waiting, at the rate answered) can read short of the
+        # wait; the oldest waiter's age since the edge cannot. When it would be answered past
+        # 80 % of the budget, a queue of half the budget is an overload, as after one.
+        for oldest_age, expected in ((0.0, False), (0.3, True)):
+            gate = admission(budget=0.5, max_concurrency=2, max_queued=100)
+            overloaded, tasks = await queue_at_rate(gate, oldest_age)
+            assert overloaded is expected, oldest_age  # ~0.3 s forecast; 0.12 or 0.42 s old
+            while gate.active:  # the 25 served; or, in the overload, refused by the first
+                gate.leave(0.001)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            refused = sum(isinstance(result, Refused) for result in results)
+            assert (refused, gate.waiting, gate.overloads) == (25 * expected, 0, expected)
 
     run(scenario)
 
