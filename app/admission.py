@@ -9,7 +9,7 @@ seconds>`), so the time it spent in sockets and in this worker's event loop befo
 here is part of it. It is refused with 503 and Retry-After, before its body is read:
 
 * while it waits, at the moment it could no longer be answered in time (its deadline);
-* on arrival, when it would have to wait and is already too old to be answered in time;
+* on arrival, when it is already too old to be answered in time, unless the worker is idle;
 * on arrival, when `max_queued` requests already wait: a bound on memory, set far above what
   the budget lets wait;
 * in an overload, when more arrive than can be answered in time: after waiting a tenth of the
@@ -29,9 +29,11 @@ Scale" (CoDel's short queue timeout with adaptive LIFO):
 * the newest waiter gets the next free place (adaptive LIFO);
 * deadlines allow for a slow answer, not an average one, as a starved event loop answers late.
 
-Outside an overload waiters are served in arrival order. A request that finds a place free and
-nobody waiting is served whatever its age: serving it delays nobody (a request that nginx
-retried after a dead replica's connect timeout is such a request).
+Outside an overload waiters are served in arrival order. A request already too old to be
+answered in time is served by an idle worker only, where it delays nobody (a request that nginx
+retried after a dead replica's connect timeout, on a quiet cluster). A busy worker refuses it
+even at a free place: an event loop that fell behind leaves newer requests unread in its
+sockets, where nobody is seen to wait, and would spend its places on the old ones first.
 
 This is HAProxy's `maxconn` + queue + `timeout queue`, with the timeout derived from one
 budget, and "Fail at Scale"'s controlled delay with adaptive LIFO in an overload;
@@ -201,6 +203,8 @@ class Admission:
         overloaded = self._update_overload(started)
         self.overload_arrivals += overloaded
         if self.active < self.max_concurrency and not self.waiting:  # never in an overload
+            if self.active and edge_age + self.service_time >= self.budget:
+                raise Refused(BUDGET)
             self.active += 1
             return 0.0
         if self.waiting >= self.max_queued:

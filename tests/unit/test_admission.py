@@ -170,13 +170,27 @@ async def all_refused(tasks: list[asyncio.Task[float]]) -> None:
             await task
 
 
-def test_free_places_admit_at_once_whatever_the_age() -> None:
+def test_free_places_admit_at_once() -> None:
     async def scenario() -> None:
         gate = admission(budget=0.1)
+        assert await gate.enter(0.09) == 0.0
         assert await gate.enter(0.0) == 0.0
-        # Older than the budget, but nobody waits behind a free place: served.
-        assert await gate.enter(5.0) == 0.0
         assert gate.active == 2
+
+    run(scenario)
+
+
+def test_only_an_idle_worker_serves_a_request_too_old_to_be_answered_in_time() -> None:
+    async def scenario() -> None:
+        # An idle worker delays nobody by serving it; a busy one may have newer requests
+        # unread in its sockets, and refuses it at a free place too.
+        gate = admission(budget=0.1, max_concurrency=4)
+        gate.service_time = 0.01
+        assert await gate.enter(5.0) == 0.0
+        with pytest.raises(Refused):
+            await gate.enter(0.095)  # 0.095 s old + 0.01 s of service: past the budget
+        assert await gate.enter(0.085) == 0.0
+        assert (gate.active, gate.waiting) == (2, 0)
 
     run(scenario)
 
@@ -360,7 +374,7 @@ def test_an_overload_ends_when_the_worker_catches_up() -> None:
         assert (gate.active, gate.waiting) == (0, 0)
         assert not gate.overloaded
         assert gate.overloads == 1
-        # A place free is taken whatever the age.
+        # An idle worker takes a request whatever its age.
         assert await gate.enter(5.0) == 0.0
         gate.leave(0.001)
         # Once the stall's busy time has left the rate's window, arrival order and whole
