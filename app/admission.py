@@ -315,8 +315,9 @@ class Admission:
         It is REENTRY_SHARE too while the oldest waiter, given a place now, would be answered
         past STANDING_SHARE of the budget: at a load step the rate of the last second can read
         higher than the rate the queue is now served at, and the queue ahead of the oldest
-        waiter has already taken that long. (A stall alone ages the oldest too, but the queue a
-        closed loop then holds still reads short of REENTRY_SHARE.)"""
+        waiter has already taken that long. (A stall ages the oldest too; the queue a closed
+        loop within the budget's reach holds still reads short of REENTRY_SHARE, unless the
+        stall also cut the second's rate.)"""
         answered, since = self._answered, now - RATE_WINDOW
         while answered and answered[0] <= since:
             answered.popleft()
