@@ -18,9 +18,8 @@ here is part of it. It is refused with 503 and Retry-After, before its body is r
 An overload begins when the requests waiting, served at the rate this worker answered while
 busy over the last second, would keep a new arrival waiting most of the budget (a standing
 queue no closed loop of a healthy cluster forms), and ends when the worker has caught up: a
-place is free and nobody waits. For a while after that, half the budget begins the next, as it
-does while the oldest waiter would be answered past most of the budget. In it, as in "Fail at
-Scale" (CoDel's short queue timeout with adaptive LIFO):
+place is free and nobody waits. For a while after that, half the budget begins the next. In
+it, as in "Fail at Scale" (CoDel's short queue timeout with adaptive LIFO):
 
 * a request waits a tenth of the budget at most (`OVERLOAD_WAIT_SHARE`); those waiting longer
   when the overload begins are refused at the first place freed. So the answered are answered
@@ -129,7 +128,6 @@ class _Waiter:
     future: asyncio.Future[bool]  # True: a place was given; False: refused
     arrived: float  # the event loop's time when it began to wait
     deadline: float  # and the last moment at which it can be given a place
-    edge_age: float  # its age when it began to wait
     timer: asyncio.TimerHandle | None = field(default=None)
     out: bool = False  # counted out of `waiting`: given a place, refused or cancelled
 
@@ -220,7 +218,7 @@ class Admission:
             patience = self.budget - edge_age - self.service_time
         if patience <= 0:
             raise Refused(BUDGET)
-        waiter = _Waiter(loop.create_future(), started, started + patience, edge_age)
+        waiter = _Waiter(loop.create_future(), started, started + patience)
         waiter.timer = loop.call_at(waiter.deadline, self._expire, waiter)
         self._queue.append(waiter)
         self.waiting += 1
@@ -312,37 +310,22 @@ class Admission:
         loop holds at the loads the budget is set for (docs/admission.md), so that loop's own
         standing requests do not renew an overload that a stall set off.
 
-        It is REENTRY_SHARE too while the oldest waiter, given a place now, would be answered
-        past STANDING_SHARE of the budget: at a load step the rate of the last second can read
-        higher than the rate the queue is now served at, and the queue ahead of the oldest
-        waiter has already taken that long. (A stall ages the oldest too; the queue a closed
-        loop within the budget's reach holds still reads short of REENTRY_SHARE, unless the
-        stall also cut the second's rate.)"""
+        The oldest waiter's age does not lower the share: a stall ages it as a load step does,
+        and cuts the second's rate, so that a closed loop's or a steady load's queue after a
+        stall would read as an overload (docs/admission.md, run 9)."""
         answered, since = self._answered, now - RATE_WINDOW
         while answered and answered[0] <= since:
             answered.popleft()
         if not self.waiting:
             return False
         share = STANDING_SHARE
-        if now - self._overload_ended < REENTRY_WINDOW or self._oldest_late(now):
+        if now - self._overload_ended < REENTRY_WINDOW:
             share = REENTRY_SHARE
         busy = self._busy_time(now)
         a_round = len(answered) >= self.max_concurrency
         least = RATE_WINDOW / 10 if a_round else share * self.budget
         # waiting / (answers / busy) >= share x budget
         return busy >= least and self.waiting * busy >= share * self.budget * len(answered)
-
-    def _oldest_late(self, now: float) -> bool:
-        """Whether the oldest waiter, given a place now, would be answered past STANDING_SHARE of
-        the budget (dropping the entries done ahead of it)."""
-        queue = self._queue
-        while queue and queue[0].future.done():
-            self._count_out(queue.popleft())
-        if not queue:
-            return False
-        oldest = queue[0]
-        age = now - oldest.arrived + oldest.edge_age
-        return age + self.service_time >= STANDING_SHARE * self.budget
 
     def _busy_time(self, now: float) -> float:
         """The time this worker was busy (a request in progress) in the last RATE_WINDOW."""

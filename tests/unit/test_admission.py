@@ -439,20 +439,20 @@ def test_soon_after_an_overload_ends_a_short_standing_queue_begins_the_next() ->
     run(scenario)
 
 
-def test_a_queue_whose_oldest_would_be_answered_late_begins_an_overload_sooner() -> None:
+def test_an_old_waiter_does_not_lower_the_onset() -> None:
     async def scenario() -> None:
-        # At a load step the forecast (the waiting, at the rate answered) can read short of the
-        # wait; the oldest waiter's age since the edge cannot. When it would be answered past
-        # 80 % of the budget, a queue of half the budget is an overload, as after one.
-        for oldest_age, expected in ((0.0, False), (0.3, True)):
+        # A stall ages the oldest waiter as a load step does. Its age does not lower the onset:
+        # a queue under 80 % of the budget by the forecast is served in arrival order, whether
+        # its oldest is 0.12 or 0.42 s old (the lower onset set off overloads below the
+        # saturation, docs/admission.md, run 9).
+        for oldest_age in (0.0, 0.3):
             gate = admission(budget=0.5, max_concurrency=2, max_queued=100)
             overloaded, tasks = await queue_at_rate(gate, oldest_age)
-            assert overloaded is expected, oldest_age  # ~0.3 s forecast; 0.12 or 0.42 s old
-            while gate.active:  # the 25 served; or, in the overload, refused by the first
+            assert not overloaded, oldest_age
+            while gate.active:  # the 25 served, then the two places freed
                 gate.leave(0.001)
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-            refused = sum(isinstance(result, Refused) for result in results)
-            assert (refused, gate.waiting, gate.overloads) == (25 * expected, 0, expected)
+            await asyncio.gather(*tasks)
+            assert (gate.waiting, gate.overloads) == (0, 0)
 
     run(scenario)
 
