@@ -9,7 +9,8 @@ seconds>`), so the time it spent in sockets and in this worker's event loop befo
 here is part of it. It is refused with 503 and Retry-After, before its body is read:
 
 * while it waits, at the moment it could no longer be answered in time (its deadline);
-* on arrival, when it is already too old to be answered in time, unless the worker is idle;
+* on arrival, when it is already too old to be answered in time and would have to wait, or
+  comes soon after an overload;
 * on arrival, when `max_queued` requests already wait: a bound on memory, set far above what
   the budget lets wait;
 * in an overload, when more arrive than can be answered in time: after waiting a tenth of the
@@ -29,10 +30,11 @@ it, as in "Fail at Scale" (CoDel's short queue timeout with adaptive LIFO):
 * deadlines allow for a slow answer, not an average one, as a starved event loop answers late.
 
 Outside an overload waiters are served in arrival order. A request already too old to be
-answered in time is served by an idle worker only, where it delays nobody (a request that nginx
-retried after a dead replica's connect timeout, on a quiet cluster). A busy worker refuses it
-even at a free place: an event loop that fell behind leaves newer requests unread in its
-sockets, where nobody is seen to wait, and would spend its places on the old ones first.
+answered in time that finds a place free and nobody waiting is served: it delays nobody (a
+request that nginx retried after a dead replica's timeout is such a request). Soon after an
+overload it is refused even so: an event loop that fell behind in the overload leaves newer
+requests unread in its sockets, where nobody is seen to wait, and would spend its places on
+the old ones first.
 
 This is HAProxy's `maxconn` + queue + `timeout queue`, with the timeout derived from one
 budget, and "Fail at Scale"'s controlled delay with adaptive LIFO in an overload;
@@ -143,8 +145,9 @@ class Refused(Exception):
 # An overload begins at a standing queue of STANDING_SHARE of the budget (the requests waiting,
 # drained at the rate answered per second busy over the last RATE_WINDOW s), or of
 # REENTRY_SHARE within REENTRY_WINDOW s of the last one's end, and ends when the worker catches
-# up; in it a request waits OVERLOAD_WAIT_SHARE of the budget at most. docs/admission.md has
-# the measurements behind them.
+# up; in it a request waits OVERLOAD_WAIT_SHARE of the budget at most, and within REENTRY_WINDOW
+# of its end a request too old to be answered in time is refused at a free place too.
+# docs/admission.md has the measurements behind them.
 STANDING_SHARE = 0.8
 REENTRY_SHARE = 0.5
 REENTRY_WINDOW = 2.0
@@ -201,7 +204,8 @@ class Admission:
         overloaded = self._update_overload(started)
         self.overload_arrivals += overloaded
         if self.active < self.max_concurrency and not self.waiting:  # never in an overload
-            if self.active and edge_age + self.service_time >= self.budget:
+            too_old = edge_age + self.service_time >= self.budget
+            if too_old and started - self._overload_ended < REENTRY_WINDOW:
                 raise Refused(BUDGET)
             self.active += 1
             return 0.0

@@ -180,17 +180,24 @@ def test_free_places_admit_at_once() -> None:
     run(scenario)
 
 
-def test_only_an_idle_worker_serves_a_request_too_old_to_be_answered_in_time() -> None:
+def test_soon_after_an_overload_a_request_too_old_is_refused_at_a_free_place() -> None:
     async def scenario() -> None:
-        # An idle worker delays nobody by serving it; a busy one may have newer requests
-        # unread in its sockets, and refuses it at a free place too.
+        # At a free place with nobody waiting a request too old to be answered in time delays
+        # nobody (nginx's retry after a dead replica's timeout). Soon after an overload the
+        # worker's sockets may hold newer requests unread: it is refused.
         gate = admission(budget=0.1, max_concurrency=4)
         gate.service_time = 0.01
-        assert await gate.enter(5.0) == 0.0
+        await gate.enter(0.0)
+        assert await gate.enter(5.0) == 0.0  # no overload yet: served
+        gate._overload_ended = asyncio.get_running_loop().time()  # one has just ended
         with pytest.raises(Refused):
             await gate.enter(0.095)  # 0.095 s old + 0.01 s of service: past the budget
-        assert await gate.enter(0.085) == 0.0
-        assert (gate.active, gate.waiting) == (2, 0)
+        with pytest.raises(Refused):
+            await gate.enter(5.0)
+        assert await gate.enter(0.085) == 0.0  # still in time
+        assert (gate.active, gate.waiting) == (3, 0)
+        gate._overload_ended -= REENTRY_WINDOW  # long ago
+        assert await gate.enter(5.0) == 0.0
 
     run(scenario)
 
@@ -374,8 +381,11 @@ def test_an_overload_ends_when_the_worker_catches_up() -> None:
         assert (gate.active, gate.waiting) == (0, 0)
         assert not gate.overloaded
         assert gate.overloads == 1
-        # An idle worker takes a request whatever its age.
-        assert await gate.enter(5.0) == 0.0
+        # A request in time takes the free place; one too old for the budget is refused
+        # there, so soon after the overload.
+        with pytest.raises(Refused):
+            await gate.enter(5.0)
+        assert await gate.enter(0.0) == 0.0
         gate.leave(0.001)
         # Once the stall's busy time has left the rate's window, arrival order and whole
         # deadlines again (within it, one answer in 0.43 s busy makes three waiting a
