@@ -9,8 +9,8 @@ seconds>`), so the time it spent in sockets and in this worker's event loop befo
 here is part of it. It is refused with 503 and Retry-After, before its body is read:
 
 * while it waits, at the moment it could no longer be answered in time (its deadline);
-* on arrival, when it is already too old to be answered in time and would have to wait, or
-  comes soon after an overload;
+* on arrival, when it is already too old to be answered in time and would have to wait
+  (soon after an overload, even at a free place);
 * on arrival, when `max_queued` requests already wait: a bound on memory, set far above what
   the budget lets wait;
 * in an overload, when more arrive than can be answered in time: after waiting a tenth of the
