@@ -203,23 +203,21 @@ class Admission:
             self._busy_since = started
         overloaded = self._update_overload(started)
         self.overload_arrivals += overloaded
+        # How long it can wait and still be answered in time: after the average service, or in
+        # an overload (a starved event loop, slow answers) after a slow one (mean + 4 mean
+        # deviations, as TCP's retransmission timeout covers a slow round trip), and there no
+        # longer than the overload's short wait. None at all: too old to be answered in time.
+        patience = self.budget - edge_age - self.service_time
         if self.active < self.max_concurrency and not self.waiting:  # never in an overload
-            too_old = edge_age + self.service_time >= self.budget
-            if too_old and started - self._overload_ended < REENTRY_WINDOW:
+            if patience <= 0 and started - self._overload_ended < REENTRY_WINDOW:
                 raise Refused(BUDGET)
             self.active += 1
             return 0.0
         if self.waiting >= self.max_queued:
             raise Refused(QUEUE_FULL)
-        # How long it can wait and still be answered in time: after the average service, or in
-        # an overload (a starved event loop, slow answers) after a slow one (mean + 4 mean
-        # deviations, as TCP's retransmission timeout covers a slow round trip), and there no
-        # longer than the overload's short wait.
         if overloaded:
             service = self.service_time + 4 * self.service_deviation
             patience = min(self.budget - edge_age - service, self.overload_wait)
-        else:
-            patience = self.budget - edge_age - self.service_time
         if patience <= 0:
             raise Refused(BUDGET)
         waiter = _Waiter(loop.create_future(), started, started + patience)
